@@ -1,0 +1,183 @@
+"""`NeuronSelectConfig`: which output rows ("neurons") of which Linear layers train, and who owns them.
+
+The config is the whole adapter description: after injection the rows picked by `neuron_init` are written back
+into `neurons`, so a saved adapter_config.json always lists explicit indices and a reload never re-selects.
+"""
+
+from __future__ import annotations
+
+import operator
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+NEURON_INIT_CHOICES = ("magnitude", "random")
+
+
+def _check_rows(where: str, rows) -> list[int]:
+    if isinstance(rows, (str, bytes)) or not hasattr(rows, "__iter__"):
+        raise TypeError(f"{where}: rows must be a list of integers, got {type(rows).__name__}")
+    out = []
+    for r in rows:
+        try:
+            if isinstance(r, bool):
+                raise TypeError
+            r = operator.index(r)
+        except TypeError:
+            raise TypeError(f"{where}: row index {r!r} is not an integer") from None
+        if r < 0:
+            raise ValueError(f"{where}: row index {r} is negative")
+        out.append(r)
+    if len(set(out)) != len(out):
+        dup = sorted({r for r in out if out.count(r) > 1})
+        raise ValueError(f"{where}: duplicate row indices {dup[:10]}")
+    return out
+
+
+@dataclass
+class NeuronSelectConfig(PeftConfig):
+    """Configuration of a NeuronSelect adapter (neuron-level selective fine-tuning).
+
+    Args:
+        target_modules: modules to adapt (PEFT semantics: list of name suffixes, a regex, or "all-linear").
+        neurons: ``{module_name: [row, ...]}`` language-agnostic rows; every sample trains them. Module names are
+            names from the *base* model's ``named_modules()``.
+        language_neurons: ``{group: {module_name: [row, ...]}}`` language-specific rows owned by one group (a
+            language pair or task); with routing only samples of that group train them.
+        neuron_ratio: for targeted modules without explicit rows, the fraction of rows to train, in (0, 1].
+        neuron_init: how those rows are chosen without calibration data: ``"magnitude"`` (largest L2 norm of the
+            weight row) or ``"random"`` (seeded by ``seed``).
+        seed: seed for ``neuron_init="random"`` and for ``init_weights=False``.
+        train_bias: bias entries of selected rows train too (as MNAFT does), when the base layer has a bias.
+        init_weights: True leaves the model's outputs unchanged; False gives a small random delta (for tests).
+        fan_in_fan_out: the base layer stores its weight as (in, out), like GPT-2's ``Conv1D``.
+        exclude_modules / layers_to_transform / layers_pattern / modules_to_save: as in PEFT's LoRA.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Module names (suffixes), a regex, or 'all-linear' to adapt."},
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex to exclude from adaptation."}
+    )
+    neurons: Optional[dict[str, list[int]]] = field(
+        default=None,
+        metadata={"help": "Language-agnostic rows per module: {module_name: [row, ...]}."},
+    )
+    language_neurons: Optional[dict[str, dict[str, list[int]]]] = field(
+        default=None,
+        metadata={"help": "Language-specific rows: {group: {module_name: [row, ...]}}."},
+    )
+    neuron_ratio: float = field(
+        default=0.1,
+        metadata={"help": "Fraction of rows to train in targeted modules that have no explicit rows, in (0, 1]."},
+    )
+    neuron_init: Literal["magnitude", "random"] = field(
+        default="magnitude",
+        metadata={"help": "How rows are chosen without calibration data: 'magnitude' or 'random' (seeded)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for random row choice and init_weights=False."})
+    train_bias: bool = field(default=True, metadata={"help": "Train the bias entries of selected rows."})
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "True: zero deltas (identity adapter). False: small random deltas (testing only)."},
+    )
+    fan_in_fan_out: bool = field(
+        default=False,
+        metadata={"help": "Set True if the base layer stores weight as (fan_in, fan_out), like GPT-2 Conv1D."},
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt these layer indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list, used with layers_to_transform."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra modules to train fully and save, e.g. a classifier head."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        # Deferred import: registration creates the PeftType member this config needs.
+        from .registration import NEURON_SELECT_PEFT_TYPE
+
+        self.peft_type = NEURON_SELECT_PEFT_TYPE
+        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
+        self.exclude_modules = (
+            set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
+        )
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+
+        ratio = self.neuron_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0.0 < float(ratio) <= 1.0):
+            raise ValueError(f"neuron_ratio must be in (0, 1], got {ratio!r}")
+        self.neuron_ratio = float(ratio)
+        if self.neuron_init not in NEURON_INIT_CHOICES:
+            raise ValueError(f"neuron_init must be one of {NEURON_INIT_CHOICES}, got {self.neuron_init!r}")
+
+        self.neurons = self._normalise_rows("neurons", self.neurons)
+        groups = {}
+        for group, rows in (self.language_neurons or {}).items():
+            if not isinstance(group, str) or not group.strip():
+                raise ValueError(f"language_neurons: group name must be a non-empty string, got {group!r}")
+            if rows is None or not isinstance(rows, dict):
+                raise ValueError(f"language_neurons[{group!r}] must be a dict {{module_name: [rows]}}")
+            groups[group] = self._normalise_rows(f"language_neurons[{group!r}]", rows)
+        self.language_neurons = groups or None
+        self._check_disjoint()
+
+    @staticmethod
+    def _normalise_rows(where: str, mapping) -> Optional[dict[str, list[int]]]:
+        if mapping is None:
+            return None
+        if not isinstance(mapping, dict):
+            raise TypeError(f"{where} must be a dict {{module_name: [rows]}}, got {type(mapping).__name__}")
+        out = {}
+        for name, rows in mapping.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"{where}: module name must be a non-empty string, got {name!r}")
+            out[name] = sorted(_check_rows(f"{where}[{name!r}]", rows))
+        return out
+
+    def _check_disjoint(self) -> None:
+        owners: dict[str, dict[int, str]] = {}
+        sources = [("neurons", self.neurons or {})]
+        sources += [(f"language_neurons[{g!r}]", rows) for g, rows in (self.language_neurons or {}).items()]
+        for source, mapping in sources:
+            for name, rows in mapping.items():
+                seen = owners.setdefault(name, {})
+                clash = [r for r in rows if r in seen]
+                if clash:
+                    raise ValueError(
+                        f"module {name!r}: rows {clash[:10]} are listed in both {seen[clash[0]]} and {source}; "
+                        "agnostic and language-specific rows must be disjoint within a module"
+                    )
+                seen.update(dict.fromkeys(rows, source))
+
+    @property
+    def groups(self) -> list[str]:
+        """Language groups, in the fixed order used for row ownership ids inside the layers."""
+        return sorted(self.language_neurons or {})
+
+    def explicit_modules(self) -> set[str]:
+        """Module names that have explicitly listed rows (agnostic or language-specific)."""
+        names = set(self.neurons or {})
+        for rows in (self.language_neurons or {}).values():
+            names.update(rows)
+        return names
+
+    def rows_for(self, module_name: str) -> Optional[tuple[list[int], list[tuple[str, list[int]]]]]:
+        """(agnostic rows, [(group, rows), ...]) for a module with explicit rows, else None."""
+        if module_name not in self.explicit_modules():
+            return None
+        agnostic = list((self.neurons or {}).get(module_name, []))
+        specific = [(g, list(self.language_neurons[g].get(module_name, []))) for g in self.groups]
+        return agnostic, specific

@@ -1,0 +1,267 @@
+"""`NeuronSelectModel`: the PEFT tuner that swaps targeted Linear layers for NeuronSelect layers.
+
+It resolves which rows each layer trains (explicit rows from the config, else `neuron_ratio` rows picked by
+`neuron_init`), writes picked rows back into the config so a saved adapter never re-selects, rejects rows that do
+not fit the model, and validates adapter files on load so a mismatch is an error, never a partial load.
+"""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_quantization_kwargs
+from torch import nn
+
+from .config import NeuronSelectConfig
+from .layer import Linear, NeuronSelectLayer
+from .registration import PREFIX
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter (config or weights) does not fit the model it is being applied to."""
+
+
+def pick_rows(weight_rows: torch.Tensor, k: int, how: str, seed: int, module_name: str) -> list[int]:
+    """Choose k rows without calibration data: largest L2 norm ("magnitude") or seeded uniform ("random")."""
+    n = weight_rows.shape[0]
+    if how == "magnitude":
+        norms = weight_rows.detach().float().norm(dim=1)
+        picked = torch.topk(norms.cpu(), k, sorted=False).indices
+    else:
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(module_name.encode())) % (2**63))
+        picked = torch.randperm(n, generator=gen)[:k]
+    return sorted(int(i) for i in picked)
+
+
+class NeuronSelectModel(BaseTuner):
+    """Neuron-level selective fine-tuning: train chosen output rows of Linear layers as sparse deltas.
+
+    Example::
+
+        import neuron_peft
+        from neuron_peft import NeuronSelectConfig
+        from peft import get_peft_model
+        model = get_peft_model(base_model, NeuronSelectConfig(target_modules="all-linear", neuron_ratio=0.1))
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = NeuronSelectLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    # ------------------------------------------------------------------ injection
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        config = self.peft_config[adapter_name]
+        self._check_explicit_names(model, config)
+        self._injected_names: list[str] = []
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self._check_all_explicit_targeted(model, config)
+
+    @staticmethod
+    def _check_explicit_names(model: nn.Module, config: NeuronSelectConfig) -> None:
+        names = dict(model.named_modules())
+        for key in sorted(config.explicit_modules()):
+            if key not in names:
+                close = [n for n in names if n.endswith("." + key.rsplit(".", 1)[-1])][:3]
+                hint = f" (did you mean one of {close}?)" if close else ""
+                raise AdapterMismatchError(f"unknown module {key!r}: not in the model's named_modules(){hint}")
+
+    def _create_and_replace(
+        self, config: NeuronSelectConfig, adapter_name, target, target_name, parent, current_key, **optional_kwargs
+    ):
+        if current_key is None:
+            raise ValueError("Current key shouldn't be `None`")
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        rows, row_groups = self._resolve_rows(config, current_key, base)
+        kwargs = {
+            "train_bias": config.train_bias,
+            "init_weights": config.init_weights,
+            "seed": config.seed + zlib.crc32(current_key.encode()),
+            "update_path": getattr(config, "update_path", "auto"),
+            **get_quantization_kwargs(self),
+        }
+        if isinstance(target, Linear):
+            target.update_layer(adapter_name, rows, row_groups, **kwargs)
+        else:
+            new_module = self._create_new_module(config, adapter_name, target, rows=rows, row_groups=row_groups, **kwargs)
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)
+            self._replace_module(parent, target_name, new_module, target)
+        self._injected_names.append(current_key)
+
+    @staticmethod
+    def _create_new_module(config, adapter_name, target, rows, row_groups, **kwargs):
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        new_module = Linear(target, adapter_name, rows, row_groups, **kwargs)
+        if new_module.fan_in_fan_out != config.fan_in_fan_out:
+            warnings.warn(
+                f"fan_in_fan_out={config.fan_in_fan_out} but the target is {type(base).__name__}; "
+                f"using fan_in_fan_out={new_module.fan_in_fan_out} for it."
+            )
+        return new_module
+
+    def _resolve_rows(self, config: NeuronSelectConfig, name: str, base: nn.Module):
+        layer_out = _out_features(base, name)
+        explicit = config.rows_for(name)
+        if explicit is None:
+            k = max(1, int(round(config.neuron_ratio * layer_out)))
+            weight = _weight_rows(base, name)
+            agnostic = list(range(layer_out)) if k == layer_out else pick_rows(weight, k, config.neuron_init, config.seed, name)
+            # write the pick back so the saved config lists explicit rows and a reload never re-selects
+            config.neurons = {**(config.neurons or {}), name: agnostic}
+            specific = [(g, []) for g in config.groups]
+        else:
+            agnostic, specific = explicit
+        rows, groups = list(agnostic), [-1] * len(agnostic)
+        for gid, (group, group_rows) in enumerate(specific):
+            rows += group_rows
+            groups += [gid] * len(group_rows)
+        if not rows:
+            raise AdapterMismatchError(f"module {name!r}: no rows selected (agnostic and language lists are empty)")
+        bad = [r for r in rows if r >= layer_out]
+        if bad:
+            raise AdapterMismatchError(
+                f"module {name!r}: row index {bad[0]} out of range (the layer has {layer_out} output rows)"
+            )
+        return torch.tensor(rows, dtype=torch.long), torch.tensor(groups, dtype=torch.long)
+
+    def _check_all_explicit_targeted(self, model: nn.Module, config: NeuronSelectConfig) -> None:
+        injected = set(self._injected_names)
+        missing = sorted(config.explicit_modules() - injected)
+        if missing:
+            raise AdapterMismatchError(
+                f"modules {missing[:5]} have rows in `neurons`/`language_neurons` but are not targeted "
+                "(check target_modules / exclude_modules / layers_to_transform)"
+            )
+        self._mark_shared_weights(model)
+        add_tags = getattr(model, "add_model_tags", None)
+        if callable(add_tags):
+            add_tags(["neuron-select"])
+
+    @staticmethod
+    def _mark_shared_weights(model: nn.Module) -> None:
+        """Tied weights (e.g. lm_head <-> embeddings) must not hold live rows: use the additive path there."""
+        counts: dict[int, int] = {}
+        for _, p in model.named_parameters(remove_duplicate=False):
+            ptr = p.untyped_storage().data_ptr() if p.device.type != "meta" else id(p)
+            counts[ptr] = counts.get(ptr, 0) + 1
+        for module in model.modules():
+            if isinstance(module, NeuronSelectLayer):
+                w = getattr(module.get_base_layer(), "weight", None)
+                if w is not None and w.device.type != "meta":
+                    module.weight_is_shared = counts.get(w.untyped_storage().data_ptr(), 0) > 1
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        for adapter in self.active_adapters:
+            if adapter in self.peft_config and not self.peft_config[adapter].train_bias:
+                for m in model.modules():
+                    if isinstance(m, NeuronSelectLayer) and adapter in m.neuron_select_bias_delta:
+                        m.neuron_select_bias_delta[adapter].requires_grad_(False)
+
+    # ------------------------------------------------------------------ live rows
+    def restore_base_weights(self) -> None:
+        """Put original rows back into every base weight (they are written in lazily on the next forward)."""
+        for module in self.model.modules():
+            if isinstance(module, NeuronSelectLayer):
+                module._restore_live()
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        self.restore_base_weights()
+        return super()._unload_and_optionally_merge(*args, **kwargs)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        for name, module in model.named_modules():
+            if not isinstance(module, NeuronSelectLayer) or adapter_name not in module.neuron_select_indices:
+                continue
+            shown = name.removeprefix("base_model.model.")
+            expected = {
+                f"{name}.neuron_select_delta.{adapter_name}": module.neuron_select_delta[adapter_name].shape,
+                f"{name}.neuron_select_indices.{adapter_name}": module.neuron_select_indices[adapter_name].shape,
+            }
+            if adapter_name in module.neuron_select_bias_delta:
+                expected[f"{name}.neuron_select_bias_delta.{adapter_name}"] = module.neuron_select_bias_delta[
+                    adapter_name
+                ].shape
+            for key, shape in expected.items():
+                if key not in state_dict:
+                    raise AdapterMismatchError(
+                        f"module {shown!r}: adapter file has no tensor {key.rsplit('.', 2)[-2]!r} (incomplete adapter)"
+                    )
+                if tuple(state_dict[key].shape) != tuple(shape):
+                    raise AdapterMismatchError(
+                        f"module {shown!r}: {key.rsplit('.', 2)[-2]} has shape {tuple(state_dict[key].shape)} in the "
+                        f"adapter file but {tuple(shape)} in the model (in_features={module.in_features}, "
+                        f"out_features={module.out_features})"
+                    )
+            rows = state_dict[f"{name}.neuron_select_indices.{adapter_name}"]
+            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= module.out_features):
+                raise AdapterMismatchError(
+                    f"module {shown!r}: adapter row index {int(rows.max())} out of range for "
+                    f"{module.out_features} output rows"
+                )
+            if not torch.equal(rows.cpu().long(), module.neuron_select_indices[adapter_name].cpu()):
+                raise AdapterMismatchError(
+                    f"module {shown!r}: row indices in the adapter file differ from adapter_config.json"
+                )
+            state_dict[f"{name}.neuron_select_indices.{adapter_name}"] = rows.long()
+        return state_dict
+
+    # ------------------------------------------------------------------ reporting
+    def selection_summary(self, adapter_name: Optional[str] = None) -> dict:
+        """Layers, selected rows and trainable share for one adapter (used by the model card)."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        layers, rows, total_rows, params = 0, 0, 0, 0
+        per_group: dict[str, int] = {}
+        groups = self.peft_config[adapter_name].groups
+        for module in self.model.modules():
+            if isinstance(module, NeuronSelectLayer) and adapter_name in module.neuron_select_indices:
+                layers += 1
+                k = module.num_rows(adapter_name)
+                rows += k
+                total_rows += module.out_features
+                params += module.neuron_select_delta[adapter_name].numel()
+                if adapter_name in module.neuron_select_bias_delta:
+                    params += k
+                rg = module.neuron_select_row_groups[adapter_name]
+                for gid, name in enumerate(groups):
+                    per_group[name] = per_group.get(name, 0) + int((rg == gid).sum())
+        all_params = sum(p.numel() for n, p in self.model.named_parameters() if PREFIX not in n)
+        return {
+            "adapter": adapter_name,
+            "layers": layers,
+            "rows": rows,
+            "rows_of_targeted": rows / total_rows if total_rows else 0.0,
+            "language_rows": per_group,
+            "trainable_params": params,
+            "trainable_percent": 100.0 * params / max(all_params, 1),
+        }
+
+
+def _out_features(base: nn.Module, name: str) -> int:
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(base, Conv1D):
+        return base.weight.shape[1]
+    out = getattr(base, "out_features", None)
+    if out is None:
+        raise TypeError(f"module {name!r} ({type(base).__name__}) is not a Linear layer; NeuronSelect cannot adapt it")
+    return int(out)
+
+
+def _weight_rows(base: nn.Module, name: str) -> torch.Tensor:
+    """The weight as (out, in) rows, dequantized when needed (magnitude picks read it once)."""
+    from peft.utils import resolve_quantization_backend
+    from transformers.pytorch_utils import Conv1D
+
+    backend = resolve_quantization_backend(base)
+    if backend is not None:
+        return backend.get_base_weight(base).float()
+    weight = base.weight
+    return weight.t() if isinstance(base, Conv1D) else weight
