@@ -52,6 +52,7 @@ class NeuronSelectConfig(PeftConfig):
         seed: seed for ``neuron_init="random"`` and for ``init_weights=False``.
         train_bias: bias entries of selected rows train too (as MNAFT does), when the base layer has a bias.
         init_weights: True leaves the model's outputs unchanged; False gives a small random delta (for tests).
+        update_path: "auto" | "live" | "additive" — how selected rows enter the forward (see `layer.py`).
         fan_in_fan_out: the base layer stores its weight as (in, out), like GPT-2's ``Conv1D``.
         exclude_modules / layers_to_transform / layers_pattern / modules_to_save: as in PEFT's LoRA.
     """
@@ -84,6 +85,16 @@ class NeuronSelectConfig(PeftConfig):
     init_weights: bool = field(
         default=True,
         metadata={"help": "True: zero deltas (identity adapter). False: small random deltas (testing only)."},
+    )
+    update_path: Literal["auto", "live", "additive"] = field(
+        default="auto",
+        metadata={
+            "help": (
+                "How selected rows enter the layer. 'live': rows are kept written into the base weight and a custom "
+                "backward computes only their gradient (one matmul forward, fastest). 'additive': x @ delta^T is "
+                "added to the selected outputs (any base layer, incl. quantized/sharded). 'auto': live where safe."
+            )
+        },
     )
     fan_in_fan_out: bool = field(
         default=False,
@@ -120,6 +131,8 @@ class NeuronSelectConfig(PeftConfig):
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0.0 < float(ratio) <= 1.0):
             raise ValueError(f"neuron_ratio must be in (0, 1], got {ratio!r}")
         self.neuron_ratio = float(ratio)
+        if self.update_path not in ("auto", "live", "additive"):
+            raise ValueError(f"update_path must be 'auto', 'live' or 'additive', got {self.update_path!r}")
         if self.neuron_init not in NEURON_INIT_CHOICES:
             raise ValueError(f"neuron_init must be one of {NEURON_INIT_CHOICES}, got {self.neuron_init!r}")
 

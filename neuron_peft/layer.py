@@ -299,6 +299,14 @@ class NeuronSelectLayer(BaseTunerLayer):
         self._live_key = None
 
 
+def _restore_before_state_dict(module, prefix, keep_vars):
+    module._restore_live()
+
+
+def _restore_before_load(module, *args, **kwargs):
+    module._restore_live()
+
+
 class Linear(nn.Module, NeuronSelectLayer):
     """NeuronSelect on a Linear-like layer (nn.Linear, transformers Conv1D, quantized Linear via the additive path)."""
 
@@ -308,8 +316,8 @@ class Linear(nn.Module, NeuronSelectLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, rows, row_groups, **kwargs)
         # the base weight must never be seen with live rows from outside the layer
-        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module._restore_live())
-        self._register_load_state_dict_pre_hook(lambda module, *args, **kw: module._restore_live(), with_module=True)
+        self.register_state_dict_pre_hook(_restore_before_state_dict)
+        self._register_load_state_dict_pre_hook(_restore_before_load, with_module=True)
 
     def _route_mask(self, adapter_name: str, batch: int) -> Optional[torch.Tensor]:
         route = self._route

@@ -44,6 +44,81 @@ def register() -> None:
     from .config import NeuronSelectConfig
     from .model import NeuronSelectModel
 
+    _wrap_weight_loader()
+    _wrap_model_card()
     if PEFT_TYPE_TO_CONFIG_MAPPING.get(NEURON_SELECT_PEFT_TYPE) is NeuronSelectConfig:
         return
     register_peft_method(name=NAME, config_cls=NeuronSelectConfig, model_cls=NeuronSelectModel, prefix=PREFIX)
+
+
+class AdapterFileError(ValueError):
+    """An adapter weights file is unreadable (corrupt or truncated)."""
+
+
+def _wrap_weight_loader() -> None:
+    """Make PEFT name the file when safetensors cannot read it, instead of a bare header error."""
+    import peft.utils.save_and_load as sl
+
+    original = sl.safe_load_file
+    if getattr(original, "_neuron_peft_wrapped", False):
+        return
+
+    def safe_load_file(filename, *args, **kwargs):
+        try:
+            return original(filename, *args, **kwargs)
+        except Exception as err:  # safetensors raises its own SafetensorError (not an OSError) for bad files
+            if type(err).__name__ == "SafetensorError" or isinstance(err, (EOFError, OSError)) and "safetensors" in str(filename):
+                raise AdapterFileError(f"corrupt or truncated adapter file {filename}: {err}") from err
+            raise
+
+    safe_load_file._neuron_peft_wrapped = True
+    sl.safe_load_file = safe_load_file
+
+
+def _wrap_model_card() -> None:
+    """Add a NeuronSelect section (layers, rows, trainable %) to the model card PEFT writes on save."""
+    from peft import PeftModel
+
+    original = PeftModel.create_or_update_model_card
+    if getattr(original, "_neuron_peft_wrapped", False):
+        return
+
+    def create_or_update_model_card(self, output_dir: str):
+        original(self, output_dir)
+        summary = getattr(self.base_model, "selection_summary", None)
+        if summary is None or getattr(self.active_peft_config, "peft_type", None) != NEURON_SELECT_PEFT_TYPE:
+            return
+        import os
+
+        from huggingface_hub import ModelCard
+
+        path = os.path.join(output_dir, "README.md")
+        card = ModelCard.load(path)
+        tags = set(card.data.tags or [])
+        tags.update({"neuron-select", "peft"})
+        card.data.tags = sorted(tags)
+        s = summary()
+        lines = [
+            "## NeuronSelect adapter",
+            "",
+            "Neuron-level selective fine-tuning (neuron_peft): only selected output rows of Linear layers train.",
+            "",
+            f"- adapted layers: {s['layers']}",
+            f"- selected rows: {s['rows']} ({100 * s['rows_of_targeted']:.2f}% of the rows of adapted layers)",
+            f"- trainable parameters: {s['trainable_params']:,} ({s['trainable_percent']:.4f}% of the base model)",
+        ]
+        if s["language_rows"]:
+            lines.append("- language-specific rows: " + ", ".join(f"{g}: {n}" for g, n in s["language_rows"].items()))
+        block = "\n".join(lines) + "\n"
+        text = card.text
+        if "## NeuronSelect adapter" in text:
+            head, _, rest = text.partition("## NeuronSelect adapter")
+            nxt = rest.find("\n## ")
+            text = head + block + (rest[nxt + 1 :] if nxt >= 0 else "")
+        else:
+            text = text.rstrip("\n") + "\n\n" + block
+        card.text = text
+        card.save(path)
+
+    create_or_update_model_card._neuron_peft_wrapped = True
+    PeftModel.create_or_update_model_card = create_or_update_model_card

@@ -1,0 +1,495 @@
+"""Training-step time and peak memory: NeuronSelect vs LoRA, DoRA, full fine-tuning and the backward "floor".
+
+One command, one process. Every method gets the same Llama-style model (rebuilt from a LlamaConfig with a fixed
+seed), the same batch, the same seven targeted projections and AdamW. Step time is measured in interleaved rounds
+(round-robin over the methods, the order rotated every round) so that drift of a shared or throttled machine hits
+every method alike; the reported number is the median over all rounds.
+
+Step = forward + loss + backward + AdamW step + zero_grad. The "floor" is the frozen model with gradients flowing
+only to ``inputs_embeds``: the cheapest backward any adapter can have (no weight gradient at all, no optimizer).
+
+Peak memory is measured in a separate, untimed pass per method, with nothing else of that method alive:
+  * CUDA: ``torch.cuda.max_memory_allocated`` over the second training step (peak stats reset after the first, so
+    AdamW state exists), with only that method's model on the device.
+  * CPU: there is no allocator peak counter, so the pass runs under ``torch.profiler`` with ``profile_memory=True``
+    from an empty start (model built, optimizer created, two steps) and replays every allocation/free event in
+    time order; the peak of live bytes during the second step is the method's peak (weights + optimizer state +
+    gradients + activations + any copies the method keeps).
+
+Inference overhead: forward-only (``torch.no_grad``, eval mode) time of the base model vs NeuronSelect 10%
+unmerged and vs NeuronSelect 10% after ``merge_adapter()``, also interleaved.
+
+Usage::
+
+    python benchmarks/speed.py --preset cpu                 # ~34M Llama, fp32, 8x128 tokens, 2 threads
+    python benchmarks/speed.py --preset gpu-1b --json out.json
+    python benchmarks/speed.py --preset cpu --methods neuron-10,lora,floor --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+try:
+    import neuron_peft  # noqa: F401  (registers the PEFT method)
+except ImportError:  # running from a checkout without installing
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import neuron_peft  # noqa: F401
+
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from neuron_peft import NeuronSelectConfig
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = ["neuron-10", "neuron-40", "neuron-100", "lora", "dora", "full", "floor"]
+MiB = 1024 * 1024
+
+
+@dataclass
+class Preset:
+    model: dict
+    batch: int
+    seq: int
+    device: str
+    dtype: torch.dtype
+    threads: Optional[int] = None
+    rounds: int = 5
+    warmup: int = 1
+    steps: int = 1  # timed steps per method per round
+    infer_steps: int = 2
+
+
+PRESETS = {
+    # ~33.5M params (25.3M in the targeted projections, 8.2M in untied embeddings/head)
+    "cpu": Preset(
+        model=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                   num_key_value_heads=8, vocab_size=8000),
+        batch=8, seq=128, device="cpu", dtype=torch.float32, threads=2, rounds=5, warmup=1, steps=1,
+    ),
+    # ~1.0B, TinyLlama-like shapes with 20 layers
+    "gpu-1b": Preset(
+        model=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=20, num_attention_heads=32,
+                   num_key_value_heads=4, vocab_size=32000),
+        batch=8, seq=512, device="cuda", dtype=torch.bfloat16, rounds=7, warmup=3, steps=3, infer_steps=5,
+    ),
+    # ~3.2B, Llama-3.2-3B shapes (tied embeddings)
+    "gpu-3b": Preset(
+        model=dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                   num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+        batch=4, seq=1024, device="cuda", dtype=torch.bfloat16, rounds=7, warmup=3, steps=3, infer_steps=5,
+    ),
+    # for the smoke test only
+    "tiny": Preset(
+        model=dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=256),
+        batch=2, seq=16, device="cpu", dtype=torch.float32, threads=2, rounds=1, warmup=1, steps=1,
+    ),
+}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def build_base(preset: Preset, seed: int = 0) -> LlamaForCausalLM:
+    """The same base model every time: fixed seed, built directly on the target device."""
+    cfg = LlamaConfig(**preset.model, max_position_embeddings=max(preset.seq, 128), use_cache=False)
+    torch.manual_seed(seed)
+    with torch.device(preset.device):
+        model = LlamaForCausalLM(cfg)
+    return model.to(preset.dtype).train()
+
+
+def _neuron(ratio: float) -> Callable:
+    def make(base):
+        cfg = NeuronSelectConfig(target_modules=list(TARGETS), neuron_ratio=ratio, neuron_init="random")
+        return get_peft_model(base, cfg)
+
+    return make
+
+
+def _lora(dora: bool) -> Callable:
+    def make(base):
+        return get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=list(TARGETS), use_dora=dora))
+
+    return make
+
+
+def _full(base):
+    return base
+
+
+def _floor(base):
+    base.requires_grad_(False)
+    return base
+
+
+BUILDERS: dict[str, Callable] = {
+    "neuron-10": _neuron(0.1),
+    "neuron-40": _neuron(0.4),
+    "neuron-100": _neuron(1.0),
+    "lora": _lora(False),
+    "dora": _lora(True),
+    "full": _full,
+    "floor": _floor,
+}
+
+
+@dataclass
+class Runner:
+    """One method's model, optimizer and step function."""
+
+    name: str
+    model: torch.nn.Module
+    opt: Optional[torch.optim.Optimizer]
+    trainable: int
+    times: list = field(default_factory=list)
+
+    def step(self, ids: torch.Tensor) -> None:
+        if self.opt is None:  # floor: backward to the input embeddings only
+            emb = self.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            self.model(inputs_embeds=emb, labels=ids).loss.backward()
+            return
+        self.model(input_ids=ids, labels=ids).loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def make_runner(name: str, preset: Preset) -> Runner:
+    model = BUILDERS[name](build_base(preset)).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5) if name != "floor" else None
+    return Runner(name, model, opt, sum(p.numel() for p in params))
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable, device: str) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def _release(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def cpu_peak_bytes(prof, start_ns: int) -> int:
+    """Peak live bytes after ``start_ns``, replaying the profiler's allocation events from the profile's start."""
+    events = sorted(
+        ((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda t: t[0],
+    )
+    live, peak = 0, 0
+    for ts, nbytes in events:
+        live += nbytes
+        if ts >= start_ns:
+            peak = max(peak, live)
+    return peak
+
+
+def measure_peak(name: str, preset: Preset, ids: torch.Tensor) -> int:
+    """Peak bytes of one training step of `name` in steady state (second step), nothing else of it alive."""
+    _release(preset.device)
+    if preset.device == "cuda":
+        base_alloc = torch.cuda.memory_allocated()
+        runner = make_runner(name, preset)
+        runner.step(ids)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        runner.step(ids)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base_alloc
+    else:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            runner = make_runner(name, preset)
+            runner.step(ids)
+            start = time.perf_counter_ns()
+            runner.step(ids)
+        # kineto timestamps and perf_counter_ns share the monotonic clock on Linux; check with a fallback
+        peak = cpu_peak_bytes(prof, _kineto_ns(prof, start))
+    del runner
+    _release(preset.device)
+    return peak
+
+
+def _kineto_ns(prof, perf_ns: int) -> int:
+    """Map a perf_counter_ns() reading onto the profiler's timestamps (identical clock on Linux)."""
+    stamps = [e.start_ns() for e in prof.profiler.kineto_results.events()]
+    if stamps and min(stamps) <= perf_ns <= max(stamps):
+        return perf_ns
+    raise RuntimeError("profiler clock does not match time.perf_counter_ns(); cannot split the memory trace")
+
+
+def measure_training(methods: list[str], preset: Preset, ids: torch.Tensor, rounds: int, warmup: int,
+                     steps: int, log=print) -> dict[str, Runner]:  # fmt: skip
+    """Interleaved rounds: all models resident, each round visits every method (rotated order)."""
+    runners = {m: make_runner(m, preset) for m in methods}
+    for r in runners.values():
+        for _ in range(warmup):
+            r.step(ids)
+    _sync(preset.device)
+    for rnd in range(rounds):
+        order = methods[rnd % len(methods):] + methods[: rnd % len(methods)]
+        for m in order:
+            r = runners[m]
+            for _ in range(steps):
+                r.times.append(_timed(lambda r=r: r.step(ids), preset.device))
+        log(f"  round {rnd + 1}/{rounds}: " + ", ".join(f"{m} {1e3 * runners[m].times[-1]:.0f}" for m in methods))
+    return runners
+
+
+def measure_inference(preset: Preset, ids: torch.Tensor, rounds: int, steps: int) -> dict[str, list[float]]:
+    """Forward-only time: base vs NeuronSelect 10% unmerged vs merged, interleaved."""
+    models = {
+        "base": build_base(preset),
+        "neuron-10 unmerged": BUILDERS["neuron-10"](build_base(preset)),
+        "neuron-10 merged": BUILDERS["neuron-10"](build_base(preset)),
+    }
+    # non-zero deltas so unmerged/merged really differ from the base (as after training)
+    for name in ("neuron-10 unmerged", "neuron-10 merged"):
+        with torch.no_grad():
+            for n, p in models[name].named_parameters():
+                if "neuron_select_delta" in n:
+                    p.normal_(0, 1e-3)
+        neuron_peft.mark_adapter_updated()
+    models["neuron-10 merged"].merge_adapter()
+    times = {k: [] for k in models}
+    with torch.no_grad():
+        for m in models.values():
+            m.eval()
+            m(input_ids=ids)  # warm-up
+        names = list(models)
+        for rnd in range(rounds):
+            for k in names[rnd % 3:] + names[: rnd % 3]:
+                for _ in range(steps):
+                    times[k].append(_timed(lambda k=k: models[k](input_ids=ids), preset.device))
+    del models
+    _release(preset.device)
+    return times
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
+
+
+def _fmt(x: Optional[float], spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def build_table(results: dict) -> str:
+    rows = results["methods"]
+    lora, floor, full = (rows.get(k, {}) for k in ("lora", "floor", "full"))
+    header = ["method", "trainable", "ms/step", "x LoRA", "x floor", "peak MiB", "mem x LoRA", "x full (t/mem)"]
+    lines = [header]
+    for name, r in rows.items():
+        t, mem = r["ms_median"], r["peak_mib"]
+        vs_full = "-"
+        if name == "neuron-100" and full:
+            vs_full = f"{_fmt(_ratio(t, full.get('ms_median')), '.2f')} / {_fmt(_ratio(mem, full.get('peak_mib')), '.2f')}"
+        lines.append([
+            name, f"{r['trainable']:,}", _fmt(t, ".1f"), _fmt(_ratio(t, lora.get("ms_median")), ".2f"),
+            _fmt(_ratio(t, floor.get("ms_median")), ".2f"), _fmt(mem, ".1f"),
+            _fmt(_ratio(mem, lora.get("peak_mib")), ".2f"), vs_full,
+        ])  # fmt: skip
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    out = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |" for line in lines]
+    out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+def inference_table(inf: dict) -> str:
+    lines = ["| model | ms/forward (median) | vs base |", "|---|---|---|"]
+    for k, v in inf.items():
+        lines.append(f"| {k} | {v['ms_median']:.1f} | {_fmt(v.get('overhead'), '+.1%')} |")
+    return "\n".join(lines)
+
+
+def check_targets(results: dict) -> list[tuple[str, Optional[float], float, Optional[bool]]]:
+    """(target, measured, threshold, met) for the issue's targets; measured None when a method was skipped."""
+    m = results["methods"]
+
+    def r(a, b, key):
+        return _ratio(m.get(a, {}).get(key), m.get(b, {}).get(key))
+
+    inf = results.get("inference", {})
+    checks = [
+        ("neuron-10 step time / LoRA", r("neuron-10", "lora", "ms_median"), 0.90),
+        ("neuron-10 peak memory / LoRA", r("neuron-10", "lora", "peak_mib"), 0.80),
+        ("neuron-100 step time / full FT", r("neuron-100", "full", "ms_median"), 1.05),
+        ("neuron-100 peak memory / full FT", r("neuron-100", "full", "peak_mib"), 1.30),
+        ("unmerged inference overhead (neuron-10)", inf.get("neuron-10 unmerged", {}).get("overhead"), 0.05),
+        ("merged inference overhead (target 0; <=2% = timing noise)", inf.get("neuron-10 merged", {}).get("overhead"), 0.02),
+    ]
+    return [(name, val, thr, None if val is None else val <= thr) for name, val, thr in checks]
+
+
+def machine_info(device: str) -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu, "nproc": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }  # fmt: skip
+    try:
+        info["loadavg"] = open("/proc/loadavg").read().split()[:3]
+    except OSError:
+        pass
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="override the preset's device")
+    p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--rounds", type=int, help="interleaved timing rounds (median over all)")
+    p.add_argument("--warmup", type=int, help="untimed steps per method before the rounds")
+    p.add_argument("--steps", type=int, help="timed steps per method per round")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); preset default")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--no-inference", action="store_true", help="skip the inference-overhead measurement")
+    p.add_argument("--routing", action="store_true", help="(reserved) benchmark per-sample routing; not implemented")
+    p.add_argument("--json", metavar="PATH", help="write all results and raw timings to PATH")
+    return p.parse_args(argv)
+
+
+def main(argv=None, log=print) -> Optional[dict]:
+    """Run the benchmark; returns the results dict (None when the requested device is unavailable)."""
+    args = parse_args(argv)
+    preset = copy.deepcopy(PRESETS[args.preset])
+    if args.device:
+        preset.device = args.device
+        if preset.device == "cpu" and preset.dtype == torch.bfloat16:
+            preset.dtype = torch.float32
+    if preset.device == "cuda" and not torch.cuda.is_available():
+        log(f"CUDA is not available: skipping --preset {args.preset} on cuda (nothing measured).")
+        return None
+    if args.routing:
+        log("--routing: per-sample routing is not benchmarked yet (hook reserved); running without routing.")
+    threads = args.threads or preset.threads
+    if preset.device == "cpu" and threads:
+        torch.set_num_threads(threads)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(METHODS)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {METHODS}")
+    rounds = preset.rounds if args.rounds is None else args.rounds
+    warmup = preset.warmup if args.warmup is None else args.warmup
+    steps = preset.steps if args.steps is None else args.steps
+
+    gen = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, preset.model["vocab_size"], (preset.batch, preset.seq), generator=gen).to(preset.device)
+    info = machine_info(preset.device)
+    mem_method = (
+        "torch.cuda.max_memory_allocated over the 2nd step, one model resident"
+        if preset.device == "cuda"
+        else "torch.profiler profile_memory: replayed alloc/free events from an empty start; peak live bytes in step 2"
+    )
+    log(f"preset {args.preset}: {preset.model}, batch {preset.batch}x{preset.seq}, {preset.device} {preset.dtype}")
+    log(f"machine: {info}")
+    log(f"rounds {rounds} x {steps} timed step(s), warmup {warmup}; methods {methods}")
+
+    results = {
+        "preset": args.preset, "model": preset.model, "batch": preset.batch, "seq": preset.seq,
+        "device": preset.device, "dtype": str(preset.dtype), "rounds": rounds, "steps": steps, "warmup": warmup,
+        "machine": info, "memory_method": mem_method, "argv": sys.argv if argv is None else list(argv),
+        "methods": {},
+    }  # fmt: skip
+
+    peaks = {}
+    if not args.no_memory:
+        log(f"peak memory ({mem_method}) ...")
+        for m in methods:
+            peaks[m] = measure_peak(m, preset, ids) / MiB
+            log(f"  {m}: {peaks[m]:.1f} MiB")
+
+    log("training step time ...")
+    t0 = time.perf_counter()
+    runners = measure_training(methods, preset, ids, rounds, warmup, steps, log=log)
+    log(f"  ({time.perf_counter() - t0:.0f} s)")
+    for m in methods:
+        r = runners[m]
+        results["methods"][m] = {
+            "trainable": r.trainable,
+            "ms_median": 1e3 * statistics.median(r.times),
+            "ms_all": [1e3 * t for t in r.times],
+            "peak_mib": peaks.get(m),
+        }
+    del runners
+    _release(preset.device)
+
+    if not args.no_inference:
+        log("inference (forward only, no_grad) ...")
+        times = measure_inference(preset, ids, rounds, preset.infer_steps)
+        base = statistics.median(times["base"])
+        results["inference"] = {
+            k: {"ms_median": 1e3 * statistics.median(v), "ms_all": [1e3 * t for t in v],
+                "overhead": None if k == "base" else statistics.median(v) / base - 1.0}
+            for k, v in times.items()
+        }  # fmt: skip
+
+    results["targets"] = [
+        {"target": n, "measured": v, "threshold": t, "met": ok} for n, v, t, ok in check_targets(results)
+    ]
+    log("")
+    log(f"Training step (forward+backward+AdamW), median of {rounds * steps} interleaved steps; "
+        f"peak memory: {mem_method}")  # fmt: skip
+    log(build_table(results))
+    if "inference" in results:
+        log("")
+        log(inference_table(results["inference"]))
+    log("")
+    for t in results["targets"]:
+        status = "n/a" if t["met"] is None else ("MET" if t["met"] else "NOT MET")
+        log(f"  {t['target']}: {_fmt(t['measured'], '.3f')} (target <= {t['threshold']}) {status}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+        log(f"wrote {args.json}")
+    bad = [m for m, r in results["methods"].items() if not math.isfinite(r["ms_median"])]
+    if bad:
+        log(f"non-finite timings for {bad}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

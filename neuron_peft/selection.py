@@ -1,0 +1,703 @@
+"""Calibration-driven neuron selection (MNAFT / LLaVA-NeuMT): which layers and rows train, and who owns them.
+
+`select_neurons` streams calibration batches per group (a language pair or task) through the model once and
+scores every output neuron of every targeted Linear by first-order Taylor importance
+``mean_tokens |a_i * dL/da_i|``. Layers are ranked (Taylor layer mean, or activation similarity to a fine-tuned
+reference model) and the top ``layer_ratio`` kept per model part; inside a kept layer the most important
+``neuron_ratio`` rows train, and the ``specific_ratio`` of those whose importance varies most across groups become
+language-specific rows owned by the group that needs them most. The result, `NeuronSelection`, turns into a
+`NeuronSelectConfig` with `to_config()`.
+
+Conventions (documented here because they change the numbers):
+
+* Loss tokens. For a causal LM the logits at position t predict ``labels[:, t+1]``, so an activation position t
+  counts iff ``labels[:, t+1] != -100`` (the positions that produce a loss term; the last position never does).
+  Outputs whose leading dims are not (batch, seq) — e.g. a vision tower's patches — count every position.
+* Gradient scale. Gradients are of the *summed* token loss (the model's mean loss times its number of loss
+  tokens), so a score does not depend on how the data is batched.
+* The model runs in eval mode (no dropout) with all parameters frozen; gradients are taken w.r.t. the layer
+  outputs only (`torch.autograd.grad`), so no parameter changes and no ``.grad`` is written. Training flags and
+  ``requires_grad`` flags are restored afterwards.
+* Taylor layer score (MNAFT eq. 9-11): per group the mean neuron score of the layer, divided by the sum of these
+  means over the layers of its part, so each group's layer scores sum to 1 per part; the ranking uses the mean over
+  groups. Activation-similarity layer score (NeuMT eq. 3): ``1 - mean cosine(base output, reference output)``
+  over the counted tokens; lower similarity = more important.
+* Neuron split. Each group's neuron scores are divided by that group's mean over all targeted neurons, so a group
+  with a larger loss does not dominate. Importance = mean of the normalised scores over groups; variance =
+  population variance over groups; owner = argmax group.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from .model import AdapterMismatchError
+
+PARTS = ("vision", "projector", "language")
+_PROJECTOR_KEYS = ("multi_modal_projector", "mm_projector", "merger", "connector")
+_VISION_KEYS = ("vision_tower", "vision_model", "visual")
+LAYER_SCORINGS = ("taylor", "activation_similarity")
+_JSON_NAME = "neuron_selection.json"
+_TENSORS_NAME = "neuron_selection.safetensors"
+_FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def model_part(name: str) -> str:
+    """"vision", "projector" or "language" from a module name (projector first: Qwen2-VL's ``visual.merger``)."""
+    parts = name.lower().split(".")
+    if any(k in p for p in parts for k in _PROJECTOR_KEYS):
+        return "projector"
+    if any(k in p for p in parts for k in _VISION_KEYS):
+        return "vision"
+    return "language"
+
+
+def _linear_out(module: nn.Module) -> Optional[int]:
+    """Output rows of a Linear-like module (nn.Linear, transformers Conv1D), else None."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return int(module.weight.shape[1])
+    if isinstance(module, nn.Linear):
+        return int(module.out_features)
+    return None
+
+
+def resolve_target_modules(model: nn.Module, target_modules: Union[list[str], str, None]) -> list[str]:
+    """Full names of the Linear modules `target_modules` selects, with PEFT's own matching rules."""
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+
+    if target_modules is None:
+        raise ValueError("target_modules is required (list of name suffixes, a regex, or 'all-linear')")
+    spec = SimpleNamespace(
+        target_modules=set(target_modules) if isinstance(target_modules, (list, tuple, set)) else target_modules,
+        exclude_modules=None, modules_to_save=None, target_parameters=None,
+        layers_to_transform=None, layers_pattern=None, task_type=None,
+    )  # fmt: skip
+    spec = _maybe_include_all_linear_layers(spec, model)
+    names = []
+    for name, module in model.named_modules():
+        if not name or not check_target_module_exists(spec, name):
+            continue
+        if _linear_out(module) is None:
+            raise TypeError(
+                f"target_modules matches {name!r} ({type(module).__name__}), which is not a Linear layer; "
+                "neuron selection scores Linear / Conv1D outputs only"
+            )
+        names.append(name)
+    if not names:
+        raise ValueError(f"target_modules={target_modules!r} matches no Linear module of the model")
+    return names
+
+
+def _check_ratio(name: str, value, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    low_ok = value >= 0.0 if allow_zero else value > 0.0
+    if not (low_ok and value <= 1.0) or math.isnan(value):
+        raise ValueError(f"{name} must be in {'[0' if allow_zero else '(0'}, 1], got {value!r}")
+    return value
+
+
+def _layer_ratios(layer_ratio, parts_present: list[str]) -> dict[str, float]:
+    if isinstance(layer_ratio, Mapping):
+        unknown = sorted(set(layer_ratio) - set(PARTS))
+        if unknown:
+            raise ValueError(f"layer_ratio: unknown part(s) {unknown}; parts are {list(PARTS)}")
+        missing = [p for p in parts_present if p not in layer_ratio]
+        if missing:
+            raise ValueError(f"layer_ratio has no entry for part(s) {missing} present among the targeted layers")
+        return {p: _check_ratio(f"layer_ratio[{p!r}]", layer_ratio[p]) for p in parts_present}
+    value = _check_ratio("layer_ratio", layer_ratio)
+    return dict.fromkeys(parts_present, value)
+
+
+def _n_of(ratio: float, n: int) -> int:
+    """round(ratio * n), at least 1 (a kept layer or a layer's rows are never empty)."""
+    return min(n, max(1, int(round(ratio * n))))
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _to_device(batch: Mapping, device: torch.device) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _loss_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) bool: positions t with labels[:, t+1] != -100, i.e. the positions that produce a loss term."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask
+
+
+def _position_weights(out: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows of `out` as (N, out_features), fp32 weights (N,)): the loss mask for (batch, seq) outputs, else ones."""
+    flat = out.reshape(-1, out.shape[-1])
+    if out.dim() == 3 and tuple(out.shape[:2]) == tuple(mask.shape):
+        w = mask.reshape(-1).to(torch.float32)
+    else:
+        w = torch.ones(flat.shape[0], dtype=torch.float32, device=out.device)
+    return flat, w.to(out.device)
+
+
+class _Frozen:
+    """Context: eval mode, every parameter frozen; restores both exactly (per module / per parameter)."""
+
+    def __init__(self, *models: Optional[nn.Module]):
+        self.models = [m for m in models if m is not None]
+
+    def __enter__(self):
+        self.training = [[(m, m.training) for m in model.modules()] for model in self.models]
+        self.flags = [[(p, p.requires_grad) for p in model.parameters()] for model in self.models]
+        for model in self.models:
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc):
+        for entries in self.training:
+            for m, flag in entries:
+                m.training = flag
+        for entries in self.flags:
+            for p, flag in entries:
+                p.requires_grad_(flag)
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+class _Scorer:
+    """Hooks on the targeted layers; `step(batch)` adds one batch's Taylor (and similarity) sums to a group."""
+
+    def __init__(self, model, names, groups, reference=None):
+        self.model, self.names, self.groups, self.reference = model, names, groups, reference
+        modules = dict(model.named_modules())
+        self.modules = [modules[n] for n in names]
+        self.out_features = [_linear_out(m) for m in self.modules]
+        n_groups = len(groups)
+        self.taylor = [torch.zeros(n_groups, n, dtype=torch.float32) for n in self.out_features]
+        self.counts = torch.zeros(len(names), n_groups, dtype=torch.float64)  # counted positions per layer
+        self.cos_sum = torch.zeros(len(names), n_groups, dtype=torch.float64)
+        self.loss_tokens = [0] * n_groups
+        self.batches = [0] * n_groups
+        self._outs: list[list[torch.Tensor]] = [[] for _ in names]
+        self._ref_outs: list[list[torch.Tensor]] = [[] for _ in names]
+        self._handles = []
+        if reference is not None:
+            self.ref_modules = _reference_modules(reference, names, self.out_features)
+
+    def __enter__(self):
+        for i, m in enumerate(self.modules):
+            self._handles.append(m.register_forward_hook(self._make_hook(i)))
+        if self.reference is not None:
+            for i, m in enumerate(self.ref_modules):
+                self._handles.append(m.register_forward_hook(self._make_ref_hook(i)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._clear()
+        return False
+
+    def _clear(self):
+        for lst in self._outs + self._ref_outs:
+            lst.clear()
+
+    def _make_hook(self, i):
+        def hook(module, args, out):
+            if not torch.is_tensor(out):
+                raise TypeError(f"layer {self.names[i]!r} returned {type(out).__name__}, expected a tensor")
+            if not out.requires_grad:
+                # nothing upstream needs grad (params are frozen): make this output a leaf we can differentiate
+                out = out.detach().requires_grad_(True)
+            self._outs[i].append(out)
+            return out
+
+        return hook
+
+    def _make_ref_hook(self, i):
+        def hook(module, args, out):
+            self._ref_outs[i].append(out.detach())
+
+        return hook
+
+    @staticmethod
+    def _check_batch(batch, group, index):
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"group {group!r} batch {index}: expected a dict of tensors, got {type(batch).__name__}")
+        for key in ("input_ids", "labels"):
+            if key not in batch or not torch.is_tensor(batch[key]):
+                raise ValueError(f"group {group!r} batch {index}: missing tensor {key!r}")
+        if batch["labels"].dim() != 2:
+            raise ValueError(f"group {group!r} batch {index}: labels must be (batch, seq)")
+
+    def step(self, g: int, batch: Mapping, index: int) -> bool:
+        """Score one batch for group index g; False (and nothing added) when it has no loss tokens."""
+        group = self.groups[g]
+        self._check_batch(batch, group, index)
+        batch = _to_device(batch, _device_of(self.model))
+        mask = _loss_mask(batch["labels"])
+        n_tokens = int(mask.sum())
+        if n_tokens == 0:
+            return False
+        self._clear()
+        try:
+            if self.reference is not None:
+                with torch.no_grad():
+                    self.reference(**_to_device(batch, _device_of(self.reference)))
+            with torch.enable_grad():
+                out = self.model(**batch)
+                loss = getattr(out, "loss", None)
+                if loss is None and isinstance(out, Mapping):
+                    loss = out.get("loss")
+                if loss is None:
+                    raise ValueError(f"group {group!r} batch {index}: the model returned no loss (are labels passed?)")
+                if not torch.isfinite(loss).all():
+                    raise FloatingPointError(f"group {group!r} batch {index}: loss is {float(loss)} (not finite)")
+                acts = [(i, a) for i, outs in enumerate(self._outs) for a in outs]
+                if not acts:
+                    raise RuntimeError("no targeted layer ran in the forward pass")
+                grads = torch.autograd.grad(loss * n_tokens, [a for _, a in acts], allow_unused=True)
+            for (i, a), grad in zip(acts, grads):
+                flat, w = _position_weights(a.detach(), mask)
+                self.counts[i, g] += float(w.sum())
+                if grad is None:
+                    continue  # the layer does not reach the loss: its score is 0
+                prod = (flat.float() * grad.reshape(flat.shape).float()).abs_()
+                contrib = (w @ prod).cpu()
+                if not torch.isfinite(contrib).all():
+                    raise FloatingPointError(
+                        f"group {group!r} batch {index}: non-finite Taylor score in layer {self.names[i]!r}"
+                    )
+                self.taylor[i][g] += contrib
+            if self.reference is not None:
+                self._similarity(g, mask, group, index)
+        finally:
+            self._clear()
+        self.loss_tokens[g] += n_tokens
+        self.batches[g] += 1
+        return True
+
+    def _similarity(self, g, mask, group, index):
+        for i, (outs, refs) in enumerate(zip(self._outs, self._ref_outs)):
+            if len(outs) != len(refs):
+                raise RuntimeError(
+                    f"layer {self.names[i]!r} ran {len(outs)} time(s) in the model but {len(refs)} in the reference"
+                )
+            for a, r in zip(outs, refs):
+                if a.shape != r.shape:
+                    raise AdapterMismatchError(
+                        f"layer {self.names[i]!r}: output shape {tuple(a.shape)} differs from the reference's "
+                        f"{tuple(r.shape)}"
+                    )
+                flat, w = _position_weights(a.detach(), mask)
+                cos = nn.functional.cosine_similarity(flat.float(), r.reshape(flat.shape).to(flat.device).float(), dim=-1)
+                s = float(w @ cos)
+                if not math.isfinite(s):
+                    raise FloatingPointError(
+                        f"group {group!r} batch {index}: non-finite activation similarity in layer {self.names[i]!r}"
+                    )
+                self.cos_sum[i, g] += s
+
+
+def _reference_modules(reference: nn.Module, names: list[str], out_features: list[int]) -> list[nn.Module]:
+    """The reference's modules with the same names (a PeftModel reference is looked up under base_model.model.)."""
+    ref = dict(reference.named_modules())
+    found, missing = [], []
+    for name, n_out in zip(names, out_features):
+        module = ref.get(name, ref.get(f"base_model.model.{name}"))
+        if module is None:
+            missing.append(name)
+            continue
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        ref_out = _linear_out(base)
+        if ref_out != n_out:
+            raise AdapterMismatchError(
+                f"reference_model: layer {name!r} has {ref_out} output rows, the model has {n_out}"
+            )
+        found.append(module)
+    if missing:
+        raise AdapterMismatchError(
+            f"reference_model has no module(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+            f"({len(missing)} of {len(names)} targeted layers); it must have the same architecture and module names"
+        )
+    return found
+
+
+def _iter_groups(calibration) -> list[tuple[str, Iterable]]:
+    if not isinstance(calibration, Mapping) or not calibration:
+        raise ValueError("calibration must be a non-empty dict {group_name: iterable of batches}")
+    out = []
+    for group, batches in calibration.items():
+        if not isinstance(group, str) or not group.strip():
+            raise ValueError(f"calibration: group name must be a non-empty string, got {group!r}")
+        if isinstance(batches, Mapping) or not isinstance(batches, Iterable):
+            raise TypeError(f"calibration[{group!r}] must be an iterable of batches (dicts), not a single batch")
+        out.append((group, batches))
+    return out
+
+
+def select_neurons(
+    model: nn.Module,
+    calibration: Mapping[str, Iterable[Mapping[str, torch.Tensor]]],
+    target_modules: Union[list[str], str] = "all-linear",
+    layer_ratio: Union[float, Mapping[str, float]] = 0.4,
+    neuron_ratio: float = 1.0,
+    specific_ratio: float = 0.1,
+    layer_scoring: str = "taylor",
+    reference_model: Optional[nn.Module] = None,
+    progress: bool = True,
+) -> NeuronSelection:
+    """Score neurons on calibration data and choose layers, agnostic rows and language-specific rows.
+
+    Args:
+        model: a (causal LM) transformers model; it is not modified.
+        calibration: ``{group: iterable of batches}``; a batch is a dict with ``input_ids``, ``attention_mask``,
+            ``labels`` (-100 on prompt and padding) and any extra model inputs (e.g. ``pixel_values``).
+        target_modules: PEFT semantics: list of name suffixes, a regex (full match), or ``"all-linear"``.
+        layer_ratio: fraction of targeted layers kept, per model part; a dict ``{"vision", "projector",
+            "language"}`` budgets the parts separately.
+        neuron_ratio: fraction of rows trained in a kept layer, in (0, 1].
+        specific_ratio: fraction of those rows made language-specific, in [0, 1] (0 = all agnostic).
+        layer_scoring: ``"taylor"`` (MNAFT) or ``"activation_similarity"`` (NeuMT; needs ``reference_model``,
+            a fine-tuned copy with the same module names; it runs forward only).
+        progress: show a tqdm bar.
+    """
+    if layer_scoring not in LAYER_SCORINGS:
+        raise ValueError(f"layer_scoring must be one of {LAYER_SCORINGS}, got {layer_scoring!r}")
+    if layer_scoring == "activation_similarity" and reference_model is None:
+        raise ValueError("layer_scoring='activation_similarity' needs reference_model= (a fine-tuned model)")
+    if layer_scoring == "taylor" and reference_model is not None:
+        raise ValueError("reference_model is only used with layer_scoring='activation_similarity'")
+    neuron_ratio = _check_ratio("neuron_ratio", neuron_ratio)
+    specific_ratio = _check_ratio("specific_ratio", specific_ratio, allow_zero=True)
+    names = resolve_target_modules(model, target_modules)
+    parts = [model_part(n) for n in names]
+    ratios = _layer_ratios(layer_ratio, sorted(set(parts), key=PARTS.index))
+    groups = _iter_groups(calibration)
+
+    from tqdm.auto import tqdm
+
+    scorer = _Scorer(model, names, [g for g, _ in groups], reference_model)
+    with _Frozen(model, reference_model), scorer:
+        for g, (group, batches) in enumerate(groups):
+            total = len(batches) if hasattr(batches, "__len__") else None
+            seen = 0
+            for index, batch in enumerate(tqdm(batches, total=total, desc=f"scoring {group}", disable=not progress)):
+                scorer.step(g, batch, index)
+                seen += 1
+            if seen == 0:
+                raise ValueError(f"calibration group {group!r} is empty (no batches)")
+            if scorer.loss_tokens[g] == 0:
+                raise ValueError(
+                    f"calibration group {group!r} has no loss tokens: every label is -100 after the causal shift"
+                )
+
+    counts = scorer.counts.clamp_min(1.0).to(torch.float32)
+    neuron_scores = {n: scorer.taylor[i] / counts[i].unsqueeze(1) for i, n in enumerate(names)}
+    if layer_scoring == "activation_similarity":
+        similarity = (scorer.cos_sum / scorer.counts.clamp_min(1.0)).to(torch.float32)
+        layer_scores = 1.0 - similarity
+    else:
+        layer_scores = _taylor_layer_scores(neuron_scores, names, parts)
+    selection = NeuronSelection(
+        groups=[g for g, _ in groups],
+        layers=names,
+        parts=parts,
+        out_features=scorer.out_features,
+        conv1d=[_linear_out(m) is not None and not isinstance(m, nn.Linear) for m in scorer.modules],
+        neuron_scores=neuron_scores,
+        layer_scores=layer_scores,
+        layer_scoring=layer_scoring,
+        layer_ratio=ratios,
+        neuron_ratio=neuron_ratio,
+        specific_ratio=specific_ratio,
+        loss_tokens=dict(zip([g for g, _ in groups], scorer.loss_tokens)),
+    )
+    selection.decide()
+    return selection
+
+
+def _taylor_layer_scores(neuron_scores: dict[str, torch.Tensor], names: list[str], parts: list[str]) -> torch.Tensor:
+    """(layers, groups): per group the layer's mean neuron score over the sum of those means within its part."""
+    means = torch.stack([neuron_scores[n].mean(dim=1) for n in names])  # (L, G)
+    out = torch.zeros_like(means)
+    for part in set(parts):
+        idx = torch.tensor([i for i, p in enumerate(parts) if p == part])
+        sums = means[idx].sum(dim=0, keepdim=True)
+        out[idx] = means[idx] / torch.where(sums > 0, sums, torch.ones_like(sums))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- result
+@dataclass
+class NeuronSelection:
+    """Scores (per group, per layer and neuron) and the decision (kept layers, agnostic and specific rows).
+
+    ``neuron_scores[layer]`` is (groups, out_features) fp32: mean |a * dL/da| per counted token.
+    ``layer_scores`` is (layers, groups): higher = more important (see the module docstring for each method).
+    """
+
+    groups: list[str]
+    layers: list[str]
+    parts: list[str]
+    out_features: list[int]
+    neuron_scores: dict[str, torch.Tensor]
+    layer_scores: torch.Tensor
+    layer_scoring: str = "taylor"
+    layer_ratio: dict[str, float] = field(default_factory=dict)
+    neuron_ratio: float = 1.0
+    specific_ratio: float = 0.1
+    conv1d: list[bool] = field(default_factory=list)
+    loss_tokens: dict[str, int] = field(default_factory=dict)
+    kept_layers: list[str] = field(default_factory=list)
+    neurons: dict[str, list[int]] = field(default_factory=dict)
+    language_neurons: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ decision
+    def normalised_scores(self) -> dict[str, torch.Tensor]:
+        """Each group's neuron scores divided by its mean over all targeted neurons (groups become comparable)."""
+        total = sum(s.sum(dim=1) for s in self.neuron_scores.values())
+        n = sum(s.shape[1] for s in self.neuron_scores.values())
+        mean = total / n
+        bad = [g for g, m in zip(self.groups, mean.tolist()) if not (m > 0 and math.isfinite(m))]
+        if bad:
+            raise FloatingPointError(f"group(s) {bad}: mean neuron score is {mean.tolist()} (zero or not finite)")
+        return {k: s / mean.unsqueeze(1) for k, s in self.neuron_scores.items()}
+
+    def neuron_variance(self) -> dict[str, torch.Tensor]:
+        """Per layer, the variance across groups of the normalised scores (zeros with a single group)."""
+        return {k: s.var(dim=0, unbiased=False) for k, s in self.normalised_scores().items()}
+
+    def layer_importance(self) -> torch.Tensor:
+        """(layers,) ranking score: the mean over groups of `layer_scores`."""
+        return self.layer_scores.mean(dim=1)
+
+    def decide(self) -> None:
+        """(Re)compute kept layers and rows from the stored scores and ratios; deterministic (stable ties)."""
+        importance = self.layer_importance().tolist()
+        kept = set()
+        for part, ratio in self.layer_ratio.items():
+            idx = [i for i, p in enumerate(self.parts) if p == part]
+            order = sorted(idx, key=lambda i: (-importance[i], i))
+            kept.update(order[: _n_of(ratio, len(idx))])
+        self.kept_layers = [n for i, n in enumerate(self.layers) if i in kept]
+        norm = self.normalised_scores()
+        single = len(self.groups) == 1
+        self.neurons, self.language_neurons = {}, {g: {} for g in self.groups}
+        for name in self.kept_layers:
+            s = norm[name]  # (G, out)
+            k = _n_of(self.neuron_ratio, s.shape[1])
+            top = torch.sort(s.mean(dim=0), descending=True, stable=True).indices[:k]
+            n_spec = 0 if single else int(round(self.specific_ratio * k))
+            var = s[:, top].var(dim=0, unbiased=False)
+            by_var = torch.sort(var, descending=True, stable=True).indices
+            specific, agnostic = top[by_var[:n_spec]], top[by_var[n_spec:]]
+            if agnostic.numel():
+                self.neurons[name] = sorted(agnostic.tolist())
+            owners = s[:, specific].argmax(dim=0).tolist()
+            for row, owner in zip(specific.tolist(), owners):
+                self.language_neurons[self.groups[owner]].setdefault(name, []).append(row)
+        for rows in self.language_neurons.values():
+            for name in rows:
+                rows[name].sort()
+        self.language_neurons = {g: r for g, r in self.language_neurons.items() if r}
+
+    # ------------------------------------------------------------------ config
+    def check_model(self, model: nn.Module) -> None:
+        """Raise AdapterMismatchError unless every kept layer exists in `model` with the same number of rows."""
+        modules = dict(model.named_modules())
+        for name, n_out in zip(self.layers, self.out_features):
+            if name not in self.kept_layers:
+                continue
+            module = modules.get(name)
+            if module is None:
+                raise AdapterMismatchError(f"selection layer {name!r} is not a module of this model")
+            base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+            got = _linear_out(base)
+            if got != n_out:
+                what = f"{got} output rows" if got is not None else f"a {type(base).__name__}, not a Linear"
+                raise AdapterMismatchError(f"selection layer {name!r} has {n_out} output rows; the model's has {what}")
+
+    def to_config(self, model: Optional[nn.Module] = None, train_bias: bool = True, **kwargs: Any):
+        """A `NeuronSelectConfig` training exactly the selected rows (validated against `model` when given)."""
+        from .config import NeuronSelectConfig
+
+        clash = sorted({"target_modules", "neurons", "language_neurons"} & set(kwargs))
+        if clash:
+            raise TypeError(f"to_config() sets {clash} from the selection; do not pass them")
+        if not self.kept_layers:
+            raise ValueError("the selection keeps no layer")
+        target: Union[list[str], str] = list(self.kept_layers)
+        if model is not None:
+            self.check_model(model)
+            kept = set(self.kept_layers)
+            others = [n for n, _ in model.named_modules() if n not in kept]
+            if any(n.endswith("." + k) for n in others for k in kept):
+                # a full name would also suffix-match a nested module: use an exact regex instead
+                import re
+
+                target = "^(?:" + "|".join(re.escape(k) for k in self.kept_layers) + ")$"
+        if "fan_in_fan_out" not in kwargs:
+            kept_conv = [c for n, c in zip(self.layers, self.conv1d) if n in self.kept_layers]
+            if kept_conv and all(kept_conv):
+                kwargs["fan_in_fan_out"] = True
+        return NeuronSelectConfig(
+            target_modules=target,
+            neurons=dict(self.neurons) or None,
+            language_neurons={g: dict(r) for g, r in self.language_neurons.items()} or None,
+            train_bias=train_bias,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write ``neuron_selection.json`` (decision, metadata) and ``neuron_selection.safetensors`` (scores)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        tensors = {"layer_scores": self.layer_scores.contiguous()}
+        tensors.update({f"neuron_scores/{i}": self.neuron_scores[n].contiguous() for i, n in enumerate(self.layers)})
+        save_file(tensors, os.path.join(path, _TENSORS_NAME), metadata={"format": "neuron_peft.selection"})
+        meta = {
+            "format_version": _FORMAT_VERSION,
+            "groups": self.groups,
+            "layers": self.layers,
+            "parts": self.parts,
+            "out_features": self.out_features,
+            "conv1d": self.conv1d,
+            "layer_scoring": self.layer_scoring,
+            "layer_ratio": self.layer_ratio,
+            "neuron_ratio": self.neuron_ratio,
+            "specific_ratio": self.specific_ratio,
+            "loss_tokens": self.loss_tokens,
+            "kept_layers": self.kept_layers,
+            "neurons": self.neurons,
+            "language_neurons": self.language_neurons,
+        }
+        with open(os.path.join(path, _JSON_NAME), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> NeuronSelection:
+        """Read a selection written by `save` (JSON + safetensors only, no pickle)."""
+        from safetensors.torch import load_file
+
+        json_path, tensor_path = os.path.join(path, _JSON_NAME), os.path.join(path, _TENSORS_NAME)
+        for p in (json_path, tensor_path):
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"{p} not found (is {path!r} a directory written by NeuronSelection.save?)")
+        with open(json_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        if meta.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(f"{json_path}: unsupported format_version {meta.get('format_version')!r}")
+        tensors = load_file(tensor_path)
+        layers = meta["layers"]
+        try:
+            scores = {n: tensors[f"neuron_scores/{i}"] for i, n in enumerate(layers)}
+        except KeyError as e:
+            raise ValueError(f"{tensor_path}: missing tensor {e.args[0]!r}") from None
+        for n, n_out in zip(layers, meta["out_features"]):
+            if scores[n].shape != (len(meta["groups"]), n_out):
+                raise ValueError(f"{tensor_path}: scores of {n!r} have shape {tuple(scores[n].shape)}")
+        fields = {k: meta[k] for k in meta if k != "format_version"}
+        return cls(neuron_scores=scores, layer_scores=tensors["layer_scores"], **fields)
+
+    # ------------------------------------------------------------------ reporting
+    def summary(self) -> str:
+        """A table, one line per targeted layer: part, rows, kept, trained rows, specific rows per group, scores."""
+        kept = set(self.kept_layers)
+        width = max([len(n) for n in self.layers] + [5])
+        gw = max([len(g) for g in self.groups] + [6])
+        head = f"{'layer':<{width}}  {'part':<9} {'rows':>6} {'kept':>4} {'agn':>6} "
+        head += " ".join(f"{'spec:' + g:>{gw + 5}}" for g in self.groups)
+        head += " " + " ".join(f"{'score:' + g:>{gw + 6}}" for g in self.groups)
+        lines = [head, "-" * len(head)]
+        for i, name in enumerate(self.layers):
+            spec = [len(self.language_neurons.get(g, {}).get(name, [])) for g in self.groups]
+            line = f"{name:<{width}}  {self.parts[i]:<9} {self.out_features[i]:>6} {'yes' if name in kept else '':>4} "
+            line += f"{len(self.neurons.get(name, [])):>6} " + " ".join(f"{s:>{gw + 5}}" for s in spec)
+            line += " " + " ".join(f"{float(v):>{gw + 6}.4g}" for v in self.layer_scores[i])
+            lines.append(line)
+        n_rows = sum(len(r) for r in self.neurons.values())
+        n_spec = {g: sum(len(r) for r in rows.values()) for g, rows in self.language_neurons.items()}
+        lines.append("-" * len(head))
+        lines.append(
+            f"{len(self.kept_layers)}/{len(self.layers)} layers kept ({self.layer_scoring}); "
+            f"{n_rows} agnostic rows; specific rows {n_spec}; loss tokens {self.loss_tokens}"
+        )
+        return "\n".join(lines)
+
+    def plot_layers(self, path: Union[str, os.PathLike]) -> None:
+        """PNG heatmap of layer scores (layers x groups); kept layers are marked."""
+        from .plots import plot_layer_heatmap
+
+        plot_layer_heatmap(self, path)
+
+    def plot_neurons(self, path: Union[str, os.PathLike]) -> None:
+        """PNG of the sorted neuron-variance curve of each kept layer (the specific rows sit left of the cut)."""
+        from .plots import plot_neuron_variance
+
+        plot_neuron_variance(self, path)
+
+    def __repr__(self) -> str:
+        return (
+            f"NeuronSelection(groups={self.groups}, layers={len(self.layers)}, kept={len(self.kept_layers)}, "
+            f"layer_scoring={self.layer_scoring!r})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- cost
+def measure_scoring_cost(model: nn.Module, batch: Mapping, target_modules="all-linear", repeats: int = 3) -> dict:
+    """Seconds per calibration batch for scoring vs one full fine-tuning step (forward+backward+AdamW) on it.
+
+    The training step runs on a deep copy so `model` is untouched; the first call of each is a warm-up.
+    """
+    import copy
+
+    names = resolve_target_modules(model, target_modules)
+
+    def score_once():
+        with _Frozen(model), _Scorer(model, names, ["bench"]) as scorer:
+            scorer.step(0, batch, 0)
+
+    train_model = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(train_model.parameters(), lr=1e-5)
+    dev_batch = _to_device(batch, _device_of(train_model))
+
+    def train_once():
+        train_model(**dev_batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def timed(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    score_s, train_s = timed(score_once), timed(train_once)
+    return {"score_s": score_s, "train_step_s": train_s, "ratio": score_s / train_s}
