@@ -225,26 +225,28 @@ def measure_peak(name: str, preset: Preset, ids: torch.Tensor) -> int:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base_alloc
     else:
-        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler import ProfilerActivity, profile, record_function
 
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             runner = make_runner(name, preset)
             runner.step(ids)
-            start = time.perf_counter_ns()
-            runner.step(ids)
-        # kineto timestamps and perf_counter_ns share the monotonic clock on Linux; check with a fallback
-        peak = cpu_peak_bytes(prof, _kineto_ns(prof, start))
+            with record_function(_MARK):
+                runner.step(ids)
+        peak = cpu_peak_bytes(prof, _mark_ns(prof))
     del runner
     _release(preset.device)
     return peak
 
 
-def _kineto_ns(prof, perf_ns: int) -> int:
-    """Map a perf_counter_ns() reading onto the profiler's timestamps (identical clock on Linux)."""
-    stamps = [e.start_ns() for e in prof.profiler.kineto_results.events()]
-    if stamps and min(stamps) <= perf_ns <= max(stamps):
-        return perf_ns
-    raise RuntimeError("profiler clock does not match time.perf_counter_ns(); cannot split the memory trace")
+_MARK = "speed_bench_measured_step"
+
+
+def _mark_ns(prof) -> int:
+    """Start of the measured (second) step in the profiler's own clock, found by its record_function marker."""
+    starts = [e.start_ns() for e in prof.profiler.kineto_results.events() if e.name() == _MARK]
+    if len(starts) != 1:
+        raise RuntimeError(f"expected one '{_MARK}' event in the memory profile, found {len(starts)}")
+    return starts[0]
 
 
 def measure_training(methods: list[str], preset: Preset, ids: torch.Tensor, rounds: int, warmup: int,

@@ -29,6 +29,7 @@ Conventions (documented here because they change the numbers):
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -199,6 +200,8 @@ class _Scorer:
         self._outs: list[list[torch.Tensor]] = [[] for _ in names]
         self._ref_outs: list[list[torch.Tensor]] = [[] for _ in names]
         self._handles = []
+        # no KV cache: it would only hold extra activations
+        self._no_cache = "use_cache" in inspect.signature(model.forward).parameters
         if reference is not None:
             self.ref_modules = _reference_modules(reference, names, self.out_features)
 
@@ -254,6 +257,8 @@ class _Scorer:
         group = self.groups[g]
         self._check_batch(batch, group, index)
         batch = _to_device(batch, _device_of(self.model))
+        if self._no_cache and "use_cache" not in batch:
+            batch["use_cache"] = False
         mask = _loss_mask(batch["labels"])
         n_tokens = int(mask.sum())
         if n_tokens == 0:
@@ -261,8 +266,11 @@ class _Scorer:
         self._clear()
         try:
             if self.reference is not None:
+                ref_batch = _to_device(batch, _device_of(self.reference))
+                if "use_cache" not in inspect.signature(self.reference.forward).parameters:
+                    ref_batch.pop("use_cache", None)
                 with torch.no_grad():
-                    self.reference(**_to_device(batch, _device_of(self.reference)))
+                    self.reference(**ref_batch)
             with torch.enable_grad():
                 out = self.model(**batch)
                 loss = getattr(out, "loss", None)

@@ -52,7 +52,8 @@ def tiny_gpt2(seed=0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -62,7 +63,7 @@ def tiny_t5(seed=0):
     torch.manual_seed(seed)
     cfg = T5Config(
         vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-        decoder_start_token_id=0, pad_token_id=0,
+        decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0,
     )  # fmt: skip
     return T5ForConditionalGeneration(cfg).eval()
 
