@@ -109,6 +109,7 @@ def build_cache(target: Path, convert) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         convert(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary shared folder
         if not is_complete(tmp):
             raise RuntimeError(f"conversion into {tmp} did not write {MARKER}")
         if target.exists() and not is_complete(target):

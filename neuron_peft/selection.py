@@ -55,7 +55,7 @@ _FORMAT_VERSION = 1
 
 # ---------------------------------------------------------------------------------------------------- helpers
 def model_part(name: str) -> str:
-    """"vision", "projector" or "language" from a module name (projector first: Qwen2-VL's ``visual.merger``)."""
+    """The model part a module belongs to, by name; projector first (Qwen2-VL's ``visual.merger``)."""
     parts = name.lower().split(".")
     if any(k in p for p in parts for k in _PROJECTOR_KEYS):
         return "projector"
@@ -279,7 +279,9 @@ class _Scorer:
                 if loss is None:
                     raise ValueError(f"group {group!r} batch {index}: the model returned no loss (are labels passed?)")
                 if not torch.isfinite(loss).all():
-                    raise FloatingPointError(f"group {group!r} batch {index}: loss is {float(loss)} (not finite)")
+                    raise FloatingPointError(
+                        f"group {group!r} batch {index}: loss is {float(loss.detach())} (not finite)"
+                    )
                 acts = [(i, a) for i, outs in enumerate(self._outs) for a in outs]
                 if not acts:
                     raise RuntimeError("no targeted layer ran in the forward pass")
@@ -317,7 +319,9 @@ class _Scorer:
                         f"{tuple(r.shape)}"
                     )
                 flat, w = _position_weights(a.detach(), mask)
-                cos = nn.functional.cosine_similarity(flat.float(), r.reshape(flat.shape).to(flat.device).float(), dim=-1)
+                cos = nn.functional.cosine_similarity(
+                    flat.float(), r.reshape(flat.shape).to(flat.device).float(), dim=-1
+                )
                 s = float(w @ cos)
                 if not math.isfinite(s):
                     raise FloatingPointError(

@@ -64,7 +64,8 @@ def reference_scores(model, calib, names):
         counts = {n: 0 for n in names}
         for batch in batches:
             acts = {}
-            def keep(module, args, output, name):
+
+            def keep(module, args, output, name, acts=acts):
                 output.retain_grad()
                 acts[name] = output
 
