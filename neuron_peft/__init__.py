@@ -11,6 +11,7 @@ register()
 from .config import NeuronSelectConfig  # noqa: E402
 from .layer import Linear, NeuronSelectLayer, mark_adapter_updated  # noqa: E402
 from .model import AdapterMismatchError, NeuronSelectModel  # noqa: E402
+from .routing import RoutingError, route  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,6 @@ __all__ = [
     "NeuronSelectLayer",
     "NeuronSelectModel",
     "mark_adapter_updated",
+    "route",
+    "RoutingError",
 ]

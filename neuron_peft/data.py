@@ -54,6 +54,7 @@ BIBLE_SPLITS = ("train", "dev", "test")
 
 # verse texts that stand for "no verse here" (merged into a neighbour, or missing in that version)
 _PLACEHOLDERS = {"(없음)", "상동", "前節に合節"}
+_MARKUP = str.maketrans("", "", "*[]<>")
 _CROSS_REF = re.compile(r"\([^()]*\d+\s*:\s*\d+[^()]*\)")  # "(9:1)", "(इब्रा. 1:10, इब्रा. 11:3)"
 
 
@@ -173,8 +174,10 @@ def load_parallel(
 
 
 def clean_verse(text: str) -> str:
-    """Strip edition markup (footnote stars, bracketed supplied words, cross references); '' for placeholders."""
-    text = _CROSS_REF.sub(" ", text.replace("*", "").replace("[", "").replace("]", ""))
+    """Strip edition markup (footnote stars, bracketed supplied words, cross references, backtick apostrophes);
+    '' for placeholders, so they are skipped rather than learned."""
+    text = text.replace("`", "'").translate(_MARKUP)
+    text = _CROSS_REF.sub(" ", text)
     text = " ".join(text.split())
     if text in _PLACEHOLDERS or not any(ch.isalpha() for ch in text):
         return ""
@@ -236,7 +239,8 @@ def bible_pairs(
             if tgt == src:
                 raise ValueError(f"source and target language are both {src!r}")
             pairs = []
-            for b, c, v, s_text, t_text in conn.execute(sql, (_version(src, versions), _version(tgt, versions), *books)):
+            params = (_version(src, versions), _version(tgt, versions), *books)
+            for b, c, v, s_text, t_text in conn.execute(sql, params):
                 s_text, t_text = clean_verse(s_text), clean_verse(t_text)
                 if not s_text or not t_text or (max_chars and max(len(s_text), len(t_text)) > max_chars):
                     continue

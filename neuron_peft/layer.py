@@ -123,7 +123,11 @@ class NeuronSelectLayer(BaseTunerLayer):
             bias = torch.zeros(k) if init_weights else torch.randn(k, generator=gen) * 0.02
             self.neuron_select_bias_delta[adapter_name] = nn.Parameter(bias.to(dtype))
         self.neuron_select_indices[adapter_name] = rows.clone()
-        self.neuron_select_row_groups[adapter_name] = torch.as_tensor(row_groups, dtype=torch.long).clone()
+        row_groups = torch.as_tensor(row_groups, dtype=torch.long).clone()
+        if row_groups.shape != rows.shape:
+            raise ValueError("row_groups must give one group id per selected row")
+        self.neuron_select_row_groups[adapter_name] = row_groups
+        self.__dict__.setdefault("_specific", {})[adapter_name] = bool((row_groups >= 0).any())
 
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -140,6 +144,10 @@ class NeuronSelectLayer(BaseTunerLayer):
         if not enabled:
             self._restore_live()
         super().enable_adapters(enabled)
+
+    def has_specific_rows(self, adapter_name: str) -> bool:
+        """Whether this layer has language-specific rows for the adapter (only then is routing needed)."""
+        return self.__dict__.get("_specific", {}).get(adapter_name, False)
 
     def num_rows(self, adapter_name: str) -> int:
         return self.neuron_select_indices[adapter_name].numel()

@@ -7,6 +7,7 @@ not fit the model, and validates adapter files on load so a mismatch is an error
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import zlib
 from typing import Optional
@@ -19,6 +20,7 @@ from torch import nn
 from .config import NeuronSelectConfig
 from .layer import Linear, NeuronSelectLayer
 from .registration import PREFIX
+from .routing import GroupsPreHook, RouteState
 
 
 class AdapterMismatchError(ValueError):
@@ -52,6 +54,35 @@ class NeuronSelectModel(BaseTuner):
     tuner_layer_cls = NeuronSelectLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
+    # ------------------------------------------------------------------ routing
+    @property
+    def _route_state(self) -> RouteState:
+        return self.__dict__.setdefault("_neuron_route_state", RouteState())
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, neuron_groups=None, **kwargs):
+        """PeftModel strips ``neuron_groups`` (a special forward arg) and runs the call inside this context."""
+        state = self._route_state
+        previous, state.call_groups = state.call_groups, neuron_groups
+        try:
+            yield
+        finally:
+            state.call_groups = previous
+
+    def forward(self, *args, neuron_groups=None, **kwargs):
+        """Runs the base model; ``neuron_groups`` (one group name per sample) routes the weight gradients."""
+        if neuron_groups is not None:
+            kwargs["neuron_groups"] = neuron_groups  # taken out again by the model's GroupsPreHook
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, neuron_groups=None, **kwargs):
+        # groups only route gradients; generation is the same for every group
+        return self.model.generate(*args, **kwargs)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._route_state.adapter_groups.pop(adapter_name, None)
+
     # ------------------------------------------------------------------ injection
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         config = self.peft_config[adapter_name]
@@ -59,6 +90,18 @@ class NeuronSelectModel(BaseTuner):
         self._injected_names: list[str] = []
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         self._check_all_explicit_targeted(model, config)
+        state = self._route_state
+        for module in model.modules():
+            if isinstance(module, NeuronSelectLayer) and isinstance(module._route, RouteState):
+                state = module._route  # adapters added later share the model's existing state
+                break
+        self.__dict__["_neuron_route_state"] = state
+        state.adapter_groups[adapter_name] = config.groups
+        for module in model.modules():
+            if isinstance(module, NeuronSelectLayer):
+                state.attach(module)
+        if not any(isinstance(h, GroupsPreHook) for h in model._forward_pre_hooks.values()):
+            model.register_forward_pre_hook(GroupsPreHook(state), with_kwargs=True)
 
     @staticmethod
     def _check_explicit_names(model: nn.Module, config: NeuronSelectConfig) -> None:
@@ -171,7 +214,12 @@ class NeuronSelectModel(BaseTuner):
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
         self.restore_base_weights()
-        return super()._unload_and_optionally_merge(*args, **kwargs)
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        hooks = model._forward_pre_hooks
+        for key in [k for k, h in hooks.items() if isinstance(h, GroupsPreHook)]:
+            del hooks[key]
+            model._forward_pre_hooks_with_kwargs.pop(key, None)
+        return model
 
     # ------------------------------------------------------------------ loading
     @classmethod

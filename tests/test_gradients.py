@@ -25,7 +25,10 @@ def build(arch, ratio=0.25, path="auto", train_bias=True, dtype=torch.float32, s
 
 
 def adapted(model):
-    return {n: m for n, m in model.base_model.model.named_modules() if isinstance(m, NeuronSelectLayer)}
+    """NeuronSelect layers by their name in the base model (works for PeftModel and plain transformers models)."""
+    return {
+        n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, NeuronSelectLayer)
+    }
 
 
 def dense_reference(base, model):

@@ -1,0 +1,148 @@
+"""Language routing: a group's language-specific rows learn only from that group's samples.
+
+The forward never changes (every delta applies to every sample: one model at inference). Only the weight
+gradient is routed: each layer turns the batch's group names into a (samples x k) 0/1 mask that the sparse
+backward multiplies into ``grad_out[..., rows]`` before ``^T @ x``. Agnostic rows see every sample.
+
+Groups reach the layers through one `RouteState` per model, set by ``model(**batch, neuron_groups=[...])`` or by
+``with neuron_peft.route(model, groups):``. The state stays set until the next top-level forward, so gradient
+checkpointing (which re-runs layer forwards during backward) sees the same groups as the original forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+
+
+class RoutingError(ValueError):
+    """Group names that do not fit the adapter's language groups."""
+
+
+class RouteState:
+    """The current batch's group names, shared by every NeuronSelect layer of one model."""
+
+    def __init__(self) -> None:
+        self.groups: Optional[list[str]] = None
+        self.context_groups: Optional[list[str]] = None  # set by `route(model, groups)`
+        self.call_groups: Optional[list[str]] = None  # set by PeftModel for one call (special forward arg)
+        self.adapter_groups: dict[str, list[str]] = {}  # adapter name -> its groups (config.groups order)
+        self._ids: dict = {}
+        self._warned_no_groups = False
+        self._warned_batch = False
+        self._layer = None  # weak reference to one layer, to read the active adapters
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_layer"] = None
+        return state
+
+    def attach(self, layer) -> None:
+        self._layer = weakref.ref(layer)
+        layer._route = self
+
+    def active_adapters(self) -> list[str]:
+        layer = self._layer() if self._layer is not None else None
+        return list(layer.active_adapters) if layer is not None else list(self.adapter_groups)
+
+    def set(self, groups: Optional[Sequence[str]], active_adapters: Optional[Sequence[str]] = None) -> None:
+        if active_adapters is None:
+            active_adapters = self.active_adapters()
+        if groups is not None:
+            if isinstance(groups, str):
+                raise RoutingError("neuron_groups must be a sequence with one group name per sample, not a string")
+            groups = [str(g) for g in groups]
+            if not groups:
+                raise RoutingError("neuron_groups is empty; give one group name per sample")
+            for adapter in active_adapters:
+                known = self.adapter_groups.get(adapter) or []
+                unknown = sorted(set(groups) - set(known)) if known else []
+                if unknown:
+                    raise RoutingError(
+                        f"unknown group name(s) {unknown} for adapter {adapter!r}; its groups are {known}"
+                    )
+        self.groups = groups
+        self._ids = {}
+
+    def _sample_ids(self, adapter: str, device: torch.device) -> torch.Tensor:
+        key = (adapter, device)
+        if key not in self._ids:
+            index = {g: i for i, g in enumerate(self.adapter_groups.get(adapter) or [])}
+            self._ids[key] = torch.tensor([index.get(g, -2) for g in self.groups], dtype=torch.long, device=device)
+        return self._ids[key]
+
+    def mask_for(self, layer, adapter: str, batch: int) -> Optional[torch.Tensor]:
+        """(samples, k) mask of which rows each sample may update, or None when every row sees every sample."""
+        if not layer.has_specific_rows(adapter):
+            return None
+        row_groups = layer.neuron_select_row_groups[adapter]
+        if self.groups is None:
+            if not self._warned_no_groups and torch.is_grad_enabled():
+                warnings.warn(
+                    "NeuronSelect: a training batch came without neuron_groups, so only language-agnostic rows "
+                    "receive gradient (pass neuron_groups=[...] or use neuron_peft.route(model, groups)).",
+                    stacklevel=3,
+                )
+                self._warned_no_groups = True
+            return (row_groups == -1).unsqueeze(0)
+        ids = self._sample_ids(adapter, row_groups.device)
+        if ids.shape[0] != batch:
+            if len(set(self.groups)) == 1:
+                ids = ids[:1]  # one group for the whole batch: broadcast over whatever the layer's batch is
+            else:
+                if not self._warned_batch:
+                    warnings.warn(
+                        f"NeuronSelect: a layer saw {batch} samples but the batch has {len(self.groups)} group "
+                        "names (e.g. a vision tower over image patches); its language-specific rows get no "
+                        "gradient from mixed-language batches.",
+                        stacklevel=3,
+                    )
+                    self._warned_batch = True
+                return (row_groups == -1).unsqueeze(0)
+        return (row_groups == -1).unsqueeze(0) | (row_groups.unsqueeze(0) == ids.unsqueeze(1))
+
+
+class GroupsPreHook:
+    """Forward pre-hook on the adapted model: takes ``neuron_groups`` out of the call and sets the route state.
+
+    A hook (rather than a PeftModel override) makes the keyword work on every entry point: PeftModel's task
+    classes, plain PeftModel, and a transformers model that loaded the adapter with ``load_adapter``.
+    """
+
+    def __init__(self, state: RouteState) -> None:
+        self.state = state
+
+    def __call__(self, module, args, kwargs):
+        groups = kwargs.pop("neuron_groups", None)
+        for fallback in (self.state.call_groups, self.state.context_groups):
+            if groups is None:
+                groups = fallback
+        self.state.set(groups)
+        return args, kwargs
+
+
+def route_state(model) -> RouteState:
+    """The route state of a model carrying NeuronSelect layers (PeftModel, tuner, DDP wrapper, or plain model)."""
+    for module in model.modules():
+        state = getattr(module, "_route", None)
+        if isinstance(state, RouteState):
+            return state
+    raise TypeError("neuron_peft.route() needs a model with a NeuronSelect adapter")
+
+
+@contextlib.contextmanager
+def route(model, groups: Sequence[str]):
+    """Route the weight gradients of the forwards inside this block by ``groups`` (one name per sample)."""
+    state = route_state(model)
+    state.set(groups)
+    previous = state.context_groups
+    state.context_groups = list(groups)
+    try:
+        yield
+    finally:
+        state.context_groups = previous
