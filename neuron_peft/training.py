@@ -1,0 +1,103 @@
+"""Training integration: transformers `Trainer` and a plain accelerate loop, both with language routing.
+
+Routing needs one thing from the training stack: the batch's ``neuron_groups`` list must reach
+``model(**batch)``. `TranslationCollator` produces it; Trainer's default ``remove_unused_columns`` would strip the
+dataset's group column before the collator sees it, so `NeuronSelectTrainer` turns that off. Checkpoints hold the
+adapter only, because Trainer saves a PeftModel through ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from typing import Callable, Optional
+
+import torch
+from transformers import Trainer
+
+
+class NeuronSelectTrainer(Trainer):
+    """`transformers.Trainer` that keeps the ``neuron_groups`` column so language-specific rows are routed."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.remove_unused_columns:
+            warnings.warn(
+                "NeuronSelectTrainer: setting remove_unused_columns=False so the dataset's group column reaches the "
+                "collator (routing needs it).",
+                stacklevel=2,
+            )
+            self.args.remove_unused_columns = False
+        if getattr(self.args, "label_names", None) is None:
+            self.args.label_names = ["labels"]
+
+
+def train_loop(
+    model: torch.nn.Module,
+    dataloader: Iterable[dict],
+    *,
+    steps: int,
+    lr: float = 1e-4,
+    weight_decay: float = 0.0,
+    warmup_ratio: float = 0.03,
+    grad_accum: int = 1,
+    max_grad_norm: Optional[float] = 1.0,
+    accelerator=None,
+    mixed_precision: Optional[str] = None,
+    progress: bool = True,
+    on_step: Optional[Callable[[int, float], None]] = None,
+) -> list[float]:
+    """A plain accelerate loop (AdamW, cosine schedule with warm-up), routing by each batch's ``neuron_groups``.
+
+    Only parameters with ``requires_grad`` are optimised; returns the loss of every optimizer step.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    accelerator = accelerator or Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("train_loop: the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warmup = max(1, int(round(warmup_ratio * steps)))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(total=steps, desc="train", disable=not progress or not accelerator.is_local_main_process)
+    running, micro = 0.0, 0
+    while len(losses) < steps:
+        for batch in dataloader:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"train_loop: non-finite loss at optimizer step {len(losses)}")
+                accelerator.backward(loss)
+                running += loss.detach().float().item()
+                micro += 1
+                if accelerator.sync_gradients and max_grad_norm:
+                    accelerator.clip_grad_norm_(params, max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                losses.append(running / micro)
+                running, micro = 0.0, 0
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                if on_step is not None:
+                    on_step(len(losses), losses[-1])
+                if len(losses) >= steps:
+                    break
+        else:
+            if not losses and micro == 0:
+                raise ValueError("train_loop: the dataloader is empty")
+    bar.close()
+    return losses
