@@ -12,6 +12,7 @@ from .config import NeuronSelectConfig  # noqa: E402
 from .layer import Linear, NeuronSelectLayer, mark_adapter_updated  # noqa: E402
 from .model import AdapterMismatchError, NeuronSelectModel  # noqa: E402
 from .routing import RoutingError, route  # noqa: E402
+from .selection import NeuronSelection, select_neurons  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,8 @@ __all__ = [
     "NeuronSelectLayer",
     "NeuronSelectModel",
     "mark_adapter_updated",
+    "NeuronSelection",
+    "select_neurons",
     "route",
     "RoutingError",
 ]

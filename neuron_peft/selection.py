@@ -246,9 +246,10 @@ class _Scorer:
     def _check_batch(batch, group, index):
         if not isinstance(batch, Mapping):
             raise TypeError(f"group {group!r} batch {index}: expected a dict of tensors, got {type(batch).__name__}")
-        for key in ("input_ids", "labels"):
-            if key not in batch or not torch.is_tensor(batch[key]):
-                raise ValueError(f"group {group!r} batch {index}: missing tensor {key!r}")
+        if not torch.is_tensor(batch.get("labels")):
+            raise ValueError(f"group {group!r} batch {index}: missing tensor 'labels'")
+        if "input_ids" not in batch and "inputs_embeds" not in batch:
+            raise ValueError(f"group {group!r} batch {index}: missing tensor 'input_ids'")
         if batch["labels"].dim() != 2:
             raise ValueError(f"group {group!r} batch {index}: labels must be (batch, seq)")
 
@@ -681,7 +682,7 @@ class NeuronSelection:
 def measure_scoring_cost(model: nn.Module, batch: Mapping, target_modules="all-linear", repeats: int = 3) -> dict:
     """Seconds per calibration batch for scoring vs one full fine-tuning step (forward+backward+AdamW) on it.
 
-    The training step runs on a deep copy so `model` is untouched; the first call of each is a warm-up.
+    The training step runs on a deep copy so `model` is untouched; one warm-up call each, then interleaved runs.
     """
     import copy
 
@@ -694,6 +695,8 @@ def measure_scoring_cost(model: nn.Module, batch: Mapping, target_modules="all-l
     train_model = copy.deepcopy(model).train()
     opt = torch.optim.AdamW(train_model.parameters(), lr=1e-5)
     dev_batch = _to_device(batch, _device_of(train_model))
+    if "use_cache" in inspect.signature(train_model.forward).parameters:
+        dev_batch.setdefault("use_cache", False)  # as in the scoring pass
 
     def train_once():
         train_model(**dev_batch).loss.backward()
@@ -701,15 +704,14 @@ def measure_scoring_cost(model: nn.Module, batch: Mapping, target_modules="all-l
         opt.zero_grad(set_to_none=True)
 
     def timed(fn):
+        t0 = time.perf_counter()
         fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        return min(times)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
-    score_s, train_s = timed(score_once), timed(train_once)
+    score_once(), train_once()  # warm-up
+    # interleaved so that load changes on a shared machine hit both alike; min = least disturbed run
+    pairs = [(timed(score_once), timed(train_once)) for _ in range(repeats)]
+    score_s, train_s = min(p[0] for p in pairs), min(p[1] for p in pairs)
     return {"score_s": score_s, "train_step_s": train_s, "ratio": score_s / train_s}

@@ -252,7 +252,7 @@ def test_config_trains_exactly_the_selected_rows(arch):
     cfg = sel.to_config(copy.deepcopy(model), train_bias=True)
     assert cfg.fan_in_fan_out == (arch == "gpt2")
     pm = peft.get_peft_model(copy.deepcopy(model), cfg)
-    pm(**make_batch(5)).loss.backward()
+    pm(**make_batch(5), neuron_groups=["fr", "de"]).loss.backward()  # one sample per group: every row learns
     layers = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules() if isinstance(m, NeuronSelectLayer)}
     assert sorted(layers) == sorted(sel.kept_layers)
     groups = cfg.groups
@@ -266,6 +266,14 @@ def test_config_trains_exactly_the_selected_rows(arch):
         grad = layer.neuron_select_delta["default"].grad
         assert grad is not None and (grad.abs().sum(1) > 0).all()
     assert all(p.grad is None for n, p in pm.named_parameters() if "neuron_select_" not in n)
+    # routed to "fr" only: "de"-owned rows get no gradient, "fr" and agnostic rows do
+    pm.zero_grad(set_to_none=True)
+    pm(**make_batch(6), neuron_groups=["fr", "fr"]).loss.backward()
+    de = groups.index("de")
+    for layer in layers.values():
+        owned = layer.neuron_select_row_groups["default"] == de
+        nonzero = layer.neuron_select_delta["default"].grad.abs().sum(1) > 0
+        assert torch.equal(nonzero, ~owned)
 
 
 def test_save_load_roundtrip(tmp_path):
@@ -311,8 +319,10 @@ def test_bad_calibration_errors():
         select_neurons(model, {}, progress=False)
     with pytest.raises(TypeError, match="iterable of batches"):
         select_neurons(model, {"fr": make_batch(0)}, progress=False)
-    with pytest.raises(ValueError, match="missing tensor 'labels'"):
+    with pytest.raises(ValueError, match="group 'fr' batch 0: missing tensor 'labels'"):
         select_neurons(model, {"fr": [{"input_ids": make_batch(0)["input_ids"]}]}, progress=False)
+    with pytest.raises(ValueError, match="missing tensor 'input_ids'"):
+        select_neurons(model, {"fr": [{"labels": make_batch(0)["labels"]}]}, progress=False)
 
 
 def test_non_finite_loss_names_group_and_batch():
