@@ -152,7 +152,7 @@ def run_train(args, model=None, tokenizer=None, selection=None):
     from . import NeuronSelectConfig
     from .data import TranslationCollator, encode_examples
     from .selection import NeuronSelection
-    from .training import train_loop
+    from .training import answer_loss, train_loop
 
     if model is None:
         model, tokenizer = _load_model(args)
@@ -177,7 +177,9 @@ def run_train(args, model=None, tokenizer=None, selection=None):
     gen = torch.Generator().manual_seed(args.seed)
     loader = torch.utils.data.DataLoader(features, batch_size=args.batch_size, shuffle=True, collate_fn=collate, generator=gen)
     start = time.perf_counter()
-    losses = train_loop(peft_model, loader, steps=args.steps, lr=args.lr, grad_accum=args.grad_accum, progress=True)
+    decoder_only = not getattr(model.config, "is_encoder_decoder", False)
+    losses = train_loop(peft_model, loader, steps=args.steps, lr=args.lr, grad_accum=args.grad_accum, progress=True,
+                        loss_fn=answer_loss if decoder_only else None)  # fmt: skip
     seconds = time.perf_counter() - start
     if args.out:
         _atomic_dir(Path(args.out), peft_model.save_pretrained)

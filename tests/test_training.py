@@ -91,3 +91,16 @@ def test_accelerate_loop_routes(tmp_path):
     assert mean_loss(model, data, tok) < before - 0.1
     changed = rows_changed(model)
     assert changed["agnostic"] and changed["en-fr"] and changed["en-hi"] and not changed["en-de"]
+
+
+def test_answer_loss_equals_model_loss():
+    from neuron_peft.training import answer_loss
+
+    tok = make_tokenizer()
+    data = dataset(tok)[:6]
+    model = model_for(tok)
+    batch = TranslationCollator(tok)(data)
+    with torch.no_grad():
+        full = model(**batch).loss
+        fast = answer_loss(model, batch)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
