@@ -1,0 +1,30 @@
+"""README stays true: exactly two set-up commands, CI runs the test one verbatim, the Python example runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def blocks(lang: str) -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return [b.strip() for b in re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)]
+
+
+def test_two_setup_commands_and_ci_runs_the_test_one():
+    commands = blocks("bash")
+    assert len(commands) == 2, commands
+    demo, tests = commands
+    assert "neuron-peft demo" in demo and "torch==2.13.0" in demo
+    assert "pytest" in tests and "torch==2.13.0" in tests
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert tests in ci.splitlines()
+
+
+def test_python_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    example = blocks("python")[0]
+    exec(compile(example, "README.md", "exec"), {"__name__": "readme"})
+    assert (tmp_path / "my-adapter" / "adapter_model.safetensors").exists()
