@@ -165,3 +165,37 @@ def test_adapter_for_a_different_model(tmp_path):
     )  # fmt: skip
     with pytest.raises((AdapterMismatchError, RuntimeError), match=r"proj"):
         PeftModel.from_pretrained(wider, out)
+
+
+def test_push_to_hub_goes_through_peft(tmp_path, monkeypatch):
+    """push_to_hub uploads exactly what save_pretrained writes (the Hub client is replaced: no network)."""
+    import transformers.utils.hub as hub
+    from huggingface_hub import ModelCard, ModelCardData
+
+    pushed = {}
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def create_commit(self, repo_id, operations, **kwargs):
+            for op in operations:
+                with open(op.path_or_fileobj, "rb") as f:
+                    pushed[op.path_in_repo] = f.read()
+            return "ok"
+
+    monkeypatch.setattr(hub, "hf_api", lambda: FakeApi())
+    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *a, **k: ModelCard.from_template(ModelCardData()))
+    base, model, out = saved_adapter(tmp_path)
+    model.push_to_hub("me/neuron-select-test")
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= set(pushed)
+    assert pushed["adapter_model.safetensors"] == (out / "adapter_model.safetensors").read_bytes()
+    assert json.loads(pushed["adapter_config.json"])["peft_type"] == "NEURON_SELECT"
+
+
+def test_model_card_has_selection_summary(tmp_path):
+    _, _, out = saved_adapter(tmp_path)
+    card = (out / "README.md").read_text()
+    assert "library_name: peft" in card and "neuron-select" in card
+    assert "base_model:" in card
+    assert "## NeuronSelect adapter" in card and "selected rows" in card and "trainable parameters" in card
