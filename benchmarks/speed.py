@@ -114,9 +114,13 @@ def build_base(preset: Preset, seed: int = 0) -> LlamaForCausalLM:
     return model.to(preset.dtype).train()
 
 
-def _neuron(ratio: float) -> Callable:
+def _neuron(ratio: float, update_path: Optional[str] = None) -> Callable:
     def make(base):
-        cfg = NeuronSelectConfig(target_modules=list(TARGETS), neuron_ratio=ratio, neuron_init="random")
+        extra = {} if update_path is None else {"update_path": update_path}
+        try:
+            cfg = NeuronSelectConfig(target_modules=list(TARGETS), neuron_ratio=ratio, neuron_init="random", **extra)
+        except TypeError as err:  # older library without the field
+            raise SystemExit(f"this neuron_peft has no NeuronSelectConfig(update_path=...): {err}") from None
         return get_peft_model(base, cfg)
 
     return make
@@ -146,6 +150,8 @@ BUILDERS: dict[str, Callable] = {
     "dora": _lora(True),
     "full": _full,
     "floor": _floor,
+    # not in the default set: the additive path (works on any base layer), for comparison with the live default
+    "neuron-10-additive": _neuron(0.1, "additive"),
 }
 
 
@@ -157,7 +163,8 @@ class Runner:
     model: torch.nn.Module
     opt: Optional[torch.optim.Optimizer]
     trainable: int
-    times: list = field(default_factory=list)
+    times: list = field(default_factory=list)  # wall seconds per timed step
+    cpu_times: list = field(default_factory=list)  # process CPU seconds per timed step (robust to a busy host)
 
     def step(self, ids: torch.Tensor) -> None:
         if self.opt is None:  # floor: backward to the input embeddings only
@@ -167,6 +174,11 @@ class Runner:
         self.model(input_ids=ids, labels=ids).loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+
+
+def _count_trainable(name: str, preset: Preset) -> int:
+    model = BUILDERS[name](build_base(preset))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def make_runner(name: str, preset: Preset) -> Runner:
@@ -184,12 +196,13 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn: Callable, device: str) -> float:
+def _timed(fn: Callable, device: str) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of fn(), synchronised on CUDA."""
     _sync(device)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     fn()
     _sync(device)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def _release(device: str) -> None:
@@ -258,16 +271,18 @@ def measure_training(methods: list[str], preset: Preset, ids: torch.Tensor, roun
             r.step(ids)
     _sync(preset.device)
     for rnd in range(rounds):
-        order = methods[rnd % len(methods):] + methods[: rnd % len(methods)]
+        order = methods[rnd % len(methods) :] + methods[: rnd % len(methods)]
         for m in order:
             r = runners[m]
             for _ in range(steps):
-                r.times.append(_timed(lambda r=r: r.step(ids), preset.device))
+                wall, cpu = _timed(lambda r=r: r.step(ids), preset.device)
+                r.times.append(wall)
+                r.cpu_times.append(cpu)
         log(f"  round {rnd + 1}/{rounds}: " + ", ".join(f"{m} {1e3 * runners[m].times[-1]:.0f}" for m in methods))
     return runners
 
 
-def measure_inference(preset: Preset, ids: torch.Tensor, rounds: int, steps: int) -> dict[str, list[float]]:
+def measure_inference(preset: Preset, ids: torch.Tensor, rounds: int, steps: int, clock: int = 0) -> dict:
     """Forward-only time: base vs NeuronSelect 10% unmerged vs merged, interleaved."""
     models = {
         "base": build_base(preset),
@@ -289,10 +304,10 @@ def measure_inference(preset: Preset, ids: torch.Tensor, rounds: int, steps: int
             m(input_ids=ids)  # warm-up
         names = list(models)
         for rnd in range(rounds):
-            for k in names[rnd % 3:] + names[: rnd % 3]:
+            for k in names[rnd % 3 :] + names[: rnd % 3]:
                 for _ in range(steps):
-                    times[k].append(_timed(lambda k=k: models[k](input_ids=ids), preset.device))
-    del models
+                    times[k].append(_timed(lambda k=k: models[k](input_ids=ids), preset.device)[clock])
+    models.clear()
     _release(preset.device)
     return times
 
@@ -311,16 +326,19 @@ def _fmt(x: Optional[float], spec: str) -> str:
 def build_table(results: dict) -> str:
     rows = results["methods"]
     lora, floor, full = (rows.get(k, {}) for k in ("lora", "floor", "full"))
-    header = ["method", "trainable", "ms/step", "x LoRA", "x floor", "peak MiB", "mem x LoRA", "x full (t/mem)"]
+    key = results.get("ratio_key", "ms_median")
+    header = ["method", "trainable", "ms/step", "x LoRA", "x floor", "min ms", "cpu-ms", "peak MiB", "mem x LoRA",
+              "x full (t/mem)"]  # fmt: skip
     lines = [header]
     for name, r in rows.items():
-        t, mem = r["ms_median"], r["peak_mib"]
+        t, mem = r.get(key), r["peak_mib"]
         vs_full = "-"
         if name == "neuron-100" and full:
-            vs_full = f"{_fmt(_ratio(t, full.get('ms_median')), '.2f')} / {_fmt(_ratio(mem, full.get('peak_mib')), '.2f')}"
+            vs_full = f"{_fmt(_ratio(t, full.get(key)), '.2f')} / {_fmt(_ratio(mem, full.get('peak_mib')), '.2f')}"
         lines.append([
-            name, f"{r['trainable']:,}", _fmt(t, ".1f"), _fmt(_ratio(t, lora.get("ms_median")), ".2f"),
-            _fmt(_ratio(t, floor.get("ms_median")), ".2f"), _fmt(mem, ".1f"),
+            name, f"{r['trainable']:,}", _fmt(r["ms_median"], ".1f"), _fmt(_ratio(t, lora.get(key)), ".2f"),
+            _fmt(_ratio(t, floor.get(key)), ".2f"), _fmt(r.get("ms_min"), ".1f"),
+            _fmt(r.get("cpu_ms_median"), ".1f"), _fmt(mem, ".1f"),
             _fmt(_ratio(mem, lora.get("peak_mib")), ".2f"), vs_full,
         ])  # fmt: skip
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
@@ -330,27 +348,33 @@ def build_table(results: dict) -> str:
 
 
 def inference_table(inf: dict) -> str:
-    lines = ["| model | ms/forward (median) | vs base |", "|---|---|---|"]
+    lines = ["| model | ms/forward (median) | min ms | vs base (median) | vs base (min) |", "|---|---|---|---|---|"]
     for k, v in inf.items():
-        lines.append(f"| {k} | {v['ms_median']:.1f} | {_fmt(v.get('overhead'), '+.1%')} |")
+        lines.append(f"| {k} | {v['ms_median']:.1f} | {v['ms_min']:.1f} | {_fmt(v.get('overhead'), '+.1%')} | "
+                     f"{_fmt(v.get('overhead_min'), '+.1%')} |")  # fmt: skip
     return "\n".join(lines)
 
 
 def check_targets(results: dict) -> list[tuple[str, Optional[float], float, Optional[bool]]]:
     """(target, measured, threshold, met) for the issue's targets; measured None when a method was skipped."""
     m = results["methods"]
+    key = results.get("ratio_key", "ms_median")
 
     def r(a, b, key):
         return _ratio(m.get(a, {}).get(key), m.get(b, {}).get(key))
 
     inf = results.get("inference", {})
     checks = [
-        ("neuron-10 step time / LoRA", r("neuron-10", "lora", "ms_median"), 0.90),
+        ("neuron-10 step time / LoRA", r("neuron-10", "lora", key), 0.90),
         ("neuron-10 peak memory / LoRA", r("neuron-10", "lora", "peak_mib"), 0.80),
-        ("neuron-100 step time / full FT", r("neuron-100", "full", "ms_median"), 1.05),
+        ("neuron-100 step time / full FT", r("neuron-100", "full", key), 1.05),
         ("neuron-100 peak memory / full FT", r("neuron-100", "full", "peak_mib"), 1.30),
         ("unmerged inference overhead (neuron-10)", inf.get("neuron-10 unmerged", {}).get("overhead"), 0.05),
-        ("merged inference overhead (target 0; <=2% = timing noise)", inf.get("neuron-10 merged", {}).get("overhead"), 0.02),
+        (
+            "merged inference overhead (target 0; <=2% = timing noise)",
+            inf.get("neuron-10 merged", {}).get("overhead"),
+            0.02,
+        ),
     ]
     return [(name, val, thr, None if val is None else val <= thr) for name, val, thr in checks]
 
@@ -382,12 +406,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--device", choices=["cpu", "cuda"], help="override the preset's device")
-    p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--methods", help=f"comma-separated subset of {','.join(BUILDERS)} (default: all but the last)")
     p.add_argument("--rounds", type=int, help="interleaved timing rounds (median over all)")
     p.add_argument("--warmup", type=int, help="untimed steps per method before the rounds")
     p.add_argument("--steps", type=int, help="timed steps per method per round")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); preset default")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="override the preset's dtype")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="time the ratios and inference use: wall (default) or process CPU time (robust on a busy host at 1 thread)",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--memory-only", action="store_true", help="only the peak-memory pass (no timing)")
     p.add_argument("--no-inference", action="store_true", help="skip the inference-overhead measurement")
     p.add_argument("--routing", action="store_true", help="(reserved) benchmark per-sample routing; not implemented")
     p.add_argument("--json", metavar="PATH", help="write all results and raw timings to PATH")
@@ -400,8 +432,10 @@ def main(argv=None, log=print) -> Optional[dict]:
     preset = copy.deepcopy(PRESETS[args.preset])
     if args.device:
         preset.device = args.device
-        if preset.device == "cpu" and preset.dtype == torch.bfloat16:
+        if preset.device == "cpu" and preset.dtype == torch.bfloat16 and not args.dtype:
             preset.dtype = torch.float32
+    if args.dtype:
+        preset.dtype = getattr(torch, args.dtype)
     if preset.device == "cuda" and not torch.cuda.is_available():
         log(f"CUDA is not available: skipping --preset {args.preset} on cuda (nothing measured).")
         return None
@@ -411,9 +445,9 @@ def main(argv=None, log=print) -> Optional[dict]:
     if preset.device == "cpu" and threads:
         torch.set_num_threads(threads)
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(METHODS)
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - set(BUILDERS))
     if unknown:
-        raise SystemExit(f"unknown methods {unknown}; choose from {METHODS}")
+        raise SystemExit(f"unknown methods {unknown}; choose from {list(BUILDERS)}")
     rounds = preset.rounds if args.rounds is None else args.rounds
     warmup = preset.warmup if args.warmup is None else args.warmup
     steps = preset.steps if args.steps is None else args.steps
@@ -434,7 +468,7 @@ def main(argv=None, log=print) -> Optional[dict]:
         "preset": args.preset, "model": preset.model, "batch": preset.batch, "seq": preset.seq,
         "device": preset.device, "dtype": str(preset.dtype), "rounds": rounds, "steps": steps, "warmup": warmup,
         "machine": info, "memory_method": mem_method, "argv": sys.argv if argv is None else list(argv),
-        "methods": {},
+        "methods": {}, "ratio_key": "cpu_ms_median" if args.clock == "cpu" else "ms_median", "clock": args.clock,
     }  # fmt: skip
 
     peaks = {}
@@ -444,28 +478,41 @@ def main(argv=None, log=print) -> Optional[dict]:
             peaks[m] = measure_peak(m, preset, ids) / MiB
             log(f"  {m}: {peaks[m]:.1f} MiB")
 
-    log("training step time ...")
-    t0 = time.perf_counter()
-    runners = measure_training(methods, preset, ids, rounds, warmup, steps, log=log)
-    log(f"  ({time.perf_counter() - t0:.0f} s)")
-    for m in methods:
-        r = runners[m]
-        results["methods"][m] = {
-            "trainable": r.trainable,
-            "ms_median": 1e3 * statistics.median(r.times),
-            "ms_all": [1e3 * t for t in r.times],
-            "peak_mib": peaks.get(m),
-        }
-    del runners
-    _release(preset.device)
+    if args.memory_only:
+        for m in methods:
+            results["methods"][m] = {
+                "trainable": _count_trainable(m, preset),
+                "ms_median": None,
+                "peak_mib": peaks.get(m),
+            }
+    else:
+        log("training step time ...")
+        t0 = time.perf_counter()
+        runners = measure_training(methods, preset, ids, rounds, warmup, steps, log=log)
+        log(f"  ({time.perf_counter() - t0:.0f} s)")
+        for m in methods:
+            r = runners[m]
+            results["methods"][m] = {
+                "trainable": r.trainable,
+                "ms_median": 1e3 * statistics.median(r.times),
+                "ms_min": 1e3 * min(r.times),
+                "cpu_ms_median": 1e3 * statistics.median(r.cpu_times),
+                "ms_all": [1e3 * t for t in r.times],
+                "cpu_ms_all": [1e3 * t for t in r.cpu_times],
+                "peak_mib": peaks.get(m),
+            }
+        del runners
+        _release(preset.device)
+    results["machine"]["loadavg_end"] = machine_info(preset.device).get("loadavg")
 
-    if not args.no_inference:
+    if not args.no_inference and not args.memory_only:
         log("inference (forward only, no_grad) ...")
-        times = measure_inference(preset, ids, rounds, preset.infer_steps)
-        base = statistics.median(times["base"])
+        times = measure_inference(preset, ids, rounds, preset.infer_steps, clock=int(args.clock == "cpu"))
+        base, base_min = statistics.median(times["base"]), min(times["base"])
         results["inference"] = {
-            k: {"ms_median": 1e3 * statistics.median(v), "ms_all": [1e3 * t for t in v],
-                "overhead": None if k == "base" else statistics.median(v) / base - 1.0}
+            k: {"ms_median": 1e3 * statistics.median(v), "ms_min": 1e3 * min(v), "ms_all": [1e3 * t for t in v],
+                "overhead": None if k == "base" else statistics.median(v) / base - 1.0,
+                "overhead_min": None if k == "base" else min(v) / base_min - 1.0}
             for k, v in times.items()
         }  # fmt: skip
 
@@ -473,7 +520,9 @@ def main(argv=None, log=print) -> Optional[dict]:
         {"target": n, "measured": v, "threshold": t, "met": ok} for n, v, t, ok in check_targets(results)
     ]
     log("")
-    log(f"Training step (forward+backward+AdamW), median of {rounds * steps} interleaved steps; "
+    log(f"Training step (forward+backward+AdamW+zero_grad) over {rounds * steps} interleaved steps per method: "
+        f"ms/step = median wall time, min ms = fastest step, cpu-ms = median process CPU time; ratios use {args.clock} "
+        "time; "
         f"peak memory: {mem_method}")  # fmt: skip
     log(build_table(results))
     if "inference" in results:
@@ -482,12 +531,13 @@ def main(argv=None, log=print) -> Optional[dict]:
     log("")
     for t in results["targets"]:
         status = "n/a" if t["met"] is None else ("MET" if t["met"] else "NOT MET")
-        log(f"  {t['target']}: {_fmt(t['measured'], '.3f')} (target <= {t['threshold']}) {status}")
+        clock = "" if "memory" in t["target"] else f" [{args.clock} time]"
+        log(f"  {t['target']}{clock}: {_fmt(t['measured'], '.3f')} (target <= {t['threshold']}) {status}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2, default=str)
         log(f"wrote {args.json}")
-    bad = [m for m, r in results["methods"].items() if not math.isfinite(r["ms_median"])]
+    bad = [m for m, r in results["methods"].items() if r["ms_median"] is not None and not math.isfinite(r["ms_median"])]
     if bad:
         log(f"non-finite timings for {bad}")
     return results

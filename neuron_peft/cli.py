@@ -20,7 +20,9 @@ DEFAULT_LANGS = "fr,de,hi,tr"
 
 # ---------------------------------------------------------------------------------------------------- shared pieces
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="gemma3-270m", help="'gemma3-270m' (embedded, offline) or a local HF model folder")
+    p.add_argument(
+        "--model", default="gemma3-270m", help="'gemma3-270m' (embedded, offline) or a local HF model folder"
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="base model dtype")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -139,9 +141,11 @@ def run_select(args, model=None, tokenizer=None):
 
 
 def _targets(value: str):
-    return value if value == "all-linear" or not ("," in value) and any(c in value for c in "^$*()[]|\\") else [
-        t.strip() for t in value.split(",") if t.strip()
-    ]
+    return (
+        value
+        if value == "all-linear" or "," not in value and any(c in value for c in "^$*()[]|\\")
+        else [t.strip() for t in value.split(",") if t.strip()]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------- train
@@ -175,7 +179,9 @@ def run_train(args, model=None, tokenizer=None, selection=None):
         raise SystemExit("no training example fits --max-length")
     collate = TranslationCollator(tokenizer, return_groups=not args.no_routing)
     gen = torch.Generator().manual_seed(args.seed)
-    loader = torch.utils.data.DataLoader(features, batch_size=args.batch_size, shuffle=True, collate_fn=collate, generator=gen)
+    loader = torch.utils.data.DataLoader(
+        features, batch_size=args.batch_size, shuffle=True, collate_fn=collate, generator=gen
+    )
     start = time.perf_counter()
     decoder_only = not getattr(model.config, "is_encoder_decoder", False)
     losses = train_loop(peft_model, loader, steps=args.steps, lr=args.lr, grad_accum=args.grad_accum, progress=True,
@@ -291,7 +297,9 @@ def run_demo(args):
     for group in after["per_group"]:
         b, a = before["per_group"][group], after["per_group"][group]
         lines.append(f"| {group} | {b['bleu']:.2f} | {a['bleu']:.2f} | {b['chrf']:.2f} | {a['chrf']:.2f} |")
-    lines.append(f"| average | {before['bleu']:.2f} | {after['bleu']:.2f} | {before['chrf']:.2f} | {after['chrf']:.2f} |")
+    lines.append(
+        f"| average | {before['bleu']:.2f} | {after['bleu']:.2f} | {before['chrf']:.2f} | {after['chrf']:.2f} |"
+    )
     lines += ["", f"Total time {report['seconds_total']:.0f} s (training {train_info['seconds']:.0f} s, "
               f"scoring {sel_info['seconds']:.0f} s).", "",
               f"Training loss: first {train_info['losses'][0]:.3f}, last {train_info['losses'][-1]:.3f}.", "",

@@ -7,7 +7,6 @@ into `neurons`, so a saved adapter_config.json always lists explicit indices and
 from __future__ import annotations
 
 import operator
-
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 

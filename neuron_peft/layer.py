@@ -18,6 +18,7 @@ Forward paths (see `autograd.py`):
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -42,6 +43,12 @@ def _count_step(optimizer, args, kwargs):
 register_optimizer_step_post_hook(_count_step)
 
 
+# layer -> weak reference to the Parameter that was its base weight when it was built. A different object later
+# means someone else manages the weight (FSDP2 swaps in temporary all-gathered parameters for each forward), so no
+# rows may be written into it. Deep copies and unpickled layers are absent and register their weight lazily.
+_OWN_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def mark_adapter_updated() -> None:
     """Tell live layers their deltas changed (only needed after writing deltas through ``.data`` by hand)."""
     _OPTIMIZER_STEPS[0] += 1
@@ -64,6 +71,8 @@ class NeuronSelectLayer(BaseTunerLayer):
             self.get_base_layer(), get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass")
         )
         base = self.get_base_layer()
+        if isinstance(getattr(base, "weight", None), torch.Tensor):
+            _OWN_WEIGHTS[self] = weakref.ref(base.weight)
         if isinstance(base, Conv1D):
             self.in_features, self.out_features = base.weight.shape
             self.fan_in_fan_out = True
@@ -186,18 +195,30 @@ class NeuronSelectLayer(BaseTunerLayer):
         dense.index_copy_(0, rows, delta.detach())
         return dense.t() if self.fan_in_fan_out else dense
 
-    def _check_merge_safe(self, adapter_name: str, rows, new_w, new_b) -> None:
-        if not torch.isfinite(new_w).all() or (new_b is not None and not torch.isfinite(new_b).all()):
-            raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
-
     def _apply_delta(self, adapter_name: str, sign: float, safe: bool = False) -> None:
         base = self.get_base_layer()
         rows = self._dense_rows(adapter_name)
         delta = self.neuron_select_delta[adapter_name].detach()
-        bias_delta = self.neuron_select_bias_delta[adapter_name].detach() if adapter_name in self.neuron_select_bias_delta else None
+        bias_delta = (
+            self.neuron_select_bias_delta[adapter_name].detach()
+            if adapter_name in self.neuron_select_bias_delta
+            else None
+        )
+        backend = self.quantization_backend
+        if backend is not None and not backend.supports_merge:
+            raise TypeError(
+                f"NeuronSelect cannot merge into a {backend.backend_name or type(base).__name__} quantized base layer "
+                "(the backend cannot dequantize and re-quantize); keep the adapter unmerged (the additive path serves "
+                "it) or merge on an unquantized copy of the base model"
+            )
+        if backend is None and (hasattr(base.weight, "ds_id") or type(base.weight.data) is not torch.Tensor):
+            raise NotImplementedError(
+                f"NeuronSelect cannot merge into a sharded base weight ({type(base.weight.data).__name__}); save the "
+                "adapter and merge it into an unsharded copy of the base model"
+            )
         with torch.no_grad():
-            if self.quantization_backend is not None:
-                weight = self.get_base_weight().clone()
+            if backend is not None:
+                weight = self.get_base_weight().clone()  # dequantized
             else:
                 weight = base.weight.data
             cur = self._read_rows(weight, rows)
@@ -205,12 +226,20 @@ class NeuronSelectLayer(BaseTunerLayer):
             new_b = None
             if bias_delta is not None:
                 bidx = slice(None) if rows is None else rows
-                new_b = (base.bias.data[bidx].float() + sign * bias_delta.float().to(base.bias.device)).to(base.bias.dtype)
-            if safe:
-                self._check_merge_safe(adapter_name, rows, new_w, new_b)
+                new_b = (base.bias.data[bidx].float() + sign * bias_delta.float().to(base.bias.device)).to(
+                    base.bias.dtype
+                )
+            if safe and not (torch.isfinite(new_w).all() and (new_b is None or torch.isfinite(new_b).all())):
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
             self._write_rows(weight, rows, new_w)
-            if self.quantization_backend is not None:
-                self.set_base_weight(weight)
+            if backend is not None:
+                self.set_base_weight(weight)  # re-quantizes the whole weight
+                warnings.warn(
+                    "NeuronSelect: merging into (or unmerging from) a quantized base layer dequantizes the weight, "
+                    "changes the selected rows and re-quantizes it, so the result is exact only up to quantization "
+                    "rounding (rows sharing quantization blocks with the selected ones can move too)",
+                    stacklevel=3,
+                )
             if new_b is not None:
                 if rows is None:
                     base.bias.data.copy_(new_b)
@@ -229,7 +258,7 @@ class NeuronSelectLayer(BaseTunerLayer):
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
@@ -250,13 +279,30 @@ class NeuronSelectLayer(BaseTunerLayer):
             return False
         if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
             return False  # e.g. accelerate offloading: the base forward must run
+        if self._weight_is_foreign():
+            return False  # sharded or swapped in by FSDP2 / FSDP / ZeRO-3: never write rows into it
         return True
+
+    def _weight_is_foreign(self) -> bool:
+        """Whether another system manages the base weight: a sharded tensor (DTensor, DeepSpeed ZeRO-3 parameter) or
+        not the Parameter this layer was built on (FSDP2 hands each forward a temporary all-gathered parameter that
+        is freed or re-gathered from the shards afterwards, so rows written into it would be lost or go stale)."""
+        w = getattr(self.get_base_layer(), "weight", None)
+        if not isinstance(w, torch.Tensor) or hasattr(w, "ds_id") or type(w.data) is not torch.Tensor:
+            return True
+        ref = _OWN_WEIGHTS.get(self)
+        if ref is None:  # a deep copy or an unpickled layer: its current weight is its own
+            _OWN_WEIGHTS[self] = weakref.ref(w)
+            return False
+        return ref() is not w
 
     def _sync_live(self, adapter_name: str) -> None:
         """Write orig + delta into the base weight rows, unless nothing changed since the last write."""
         base = self.get_base_layer()
         delta = self.neuron_select_delta[adapter_name]
-        bias_delta = self.neuron_select_bias_delta[adapter_name] if adapter_name in self.neuron_select_bias_delta else None
+        bias_delta = (
+            self.neuron_select_bias_delta[adapter_name] if adapter_name in self.neuron_select_bias_delta else None
+        )
         key = (
             adapter_name,
             _OPTIMIZER_STEPS[0],
@@ -274,7 +320,9 @@ class NeuronSelectLayer(BaseTunerLayer):
             if self._live_adapter is None:
                 self._live_orig["w"] = self._read_rows(weight, rows)
                 if bias_delta is not None:
-                    self._live_orig["b"] = base.bias.detach().clone() if rows is None else base.bias.index_select(0, rows)
+                    self._live_orig["b"] = (
+                        base.bias.detach().clone() if rows is None else base.bias.index_select(0, rows)
+                    )
                 self._live_adapter = adapter_name
             orig = self._live_orig["w"].to(weight.device)
             self._write_rows(weight, rows, orig.float() + delta.detach().float())
@@ -292,6 +340,13 @@ class NeuronSelectLayer(BaseTunerLayer):
         adapter_name = self.__dict__.get("_live_adapter")
         if adapter_name is None:
             return
+        if self._weight_is_foreign():
+            raise RuntimeError(
+                "NeuronSelect: this layer's base weight holds live rows and was sharded or replaced since (FSDP2 "
+                "fully_shard, FSDP, DeepSpeed ZeRO-3), so its original rows cannot be restored and the base weights "
+                "are no longer exact. Call neuron_peft.distributed.prepare_for_sharding(model) (or "
+                "restore_base_weights() on the PEFT model) after any forward and before sharding the model."
+            )
         base = self.get_base_layer()
         rows = self._dense_rows(adapter_name)
         with torch.no_grad():
@@ -364,6 +419,8 @@ class Linear(nn.Module, NeuronSelectLayer):
 
         self._restore_live()
         out = self.base_layer(x, *args, **kwargs)
+        if self.quantization_backend is not None:
+            out = self.quantization_backend.maybe_clone_base_result(out)  # bnb 4-bit: never write into its output
         for name in active:
             delta = self.neuron_select_delta[name]
             bias_delta = self.neuron_select_bias_delta[name] if name in self.neuron_select_bias_delta else None

@@ -129,7 +129,9 @@ class NeuronSelectModel(BaseTuner):
         if isinstance(target, Linear):
             target.update_layer(adapter_name, rows, row_groups, **kwargs)
         else:
-            new_module = self._create_new_module(config, adapter_name, target, rows=rows, row_groups=row_groups, **kwargs)
+            new_module = self._create_new_module(
+                config, adapter_name, target, rows=rows, row_groups=row_groups, **kwargs
+            )
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)
             self._replace_module(parent, target_name, new_module, target)
@@ -142,7 +144,8 @@ class NeuronSelectModel(BaseTuner):
         if new_module.fan_in_fan_out != config.fan_in_fan_out:
             warnings.warn(
                 f"fan_in_fan_out={config.fan_in_fan_out} but the target is {type(base).__name__}; "
-                f"using fan_in_fan_out={new_module.fan_in_fan_out} for it."
+                f"using fan_in_fan_out={new_module.fan_in_fan_out} for it.",
+                stacklevel=2,
             )
         return new_module
 
@@ -152,14 +155,18 @@ class NeuronSelectModel(BaseTuner):
         if explicit is None:
             k = max(1, int(round(config.neuron_ratio * layer_out)))
             weight = _weight_rows(base, name)
-            agnostic = list(range(layer_out)) if k == layer_out else pick_rows(weight, k, config.neuron_init, config.seed, name)
+            agnostic = (
+                list(range(layer_out))
+                if k == layer_out
+                else pick_rows(weight, k, config.neuron_init, config.seed, name)
+            )
             # write the pick back so the saved config lists explicit rows and a reload never re-selects
             config.neurons = {**(config.neurons or {}), name: agnostic}
             specific = [(g, []) for g in config.groups]
         else:
             agnostic, specific = explicit
         rows, groups = list(agnostic), [-1] * len(agnostic)
-        for gid, (group, group_rows) in enumerate(specific):
+        for gid, (_group, group_rows) in enumerate(specific):
             rows += group_rows
             groups += [gid] * len(group_rows)
         if not rows:

@@ -68,7 +68,11 @@ def _wrap_weight_loader() -> None:
         try:
             return original(filename, *args, **kwargs)
         except Exception as err:  # safetensors raises its own SafetensorError (not an OSError) for bad files
-            if type(err).__name__ == "SafetensorError" or isinstance(err, (EOFError, OSError)) and "safetensors" in str(filename):
+            if (
+                type(err).__name__ == "SafetensorError"
+                or isinstance(err, (EOFError, OSError))
+                and "safetensors" in str(filename)
+            ):
                 raise AdapterFileError(f"corrupt or truncated adapter file {filename}: {err}") from err
             raise
 

@@ -75,7 +75,9 @@ def _dense_reference_output(base, model, inputs):
 def test_forward_equals_dense_reference(arch):
     base, model = peft_model(arch)
     inputs = make_inputs(arch)
-    torch.testing.assert_close(logits(model, inputs), _dense_reference_output(base, model, inputs), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        logits(model, inputs), _dense_reference_output(base, model, inputs), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("path", ["live", "additive"])
@@ -218,7 +220,9 @@ def test_multiple_adapters_set_and_delete(tmp_path):
 
 def test_two_active_adapters_add_up():
     base, model = peft_model("llama")
-    model.add_adapter("b", NeuronSelectConfig(target_modules=TARGETS["llama"], init_weights=False, seed=7, neuron_ratio=0.3))
+    model.add_adapter(
+        "b", NeuronSelectConfig(target_modules=TARGETS["llama"], init_weights=False, seed=7, neuron_ratio=0.3)
+    )
     inputs = make_inputs("llama")
     model.base_model.set_adapter(["default", "b"])
     both = logits(model, inputs)
@@ -271,7 +275,9 @@ def test_modules_to_save_and_requires_grad():
     assert not any(".b" in n and "neuron_select" in n for n, p in model.named_parameters() if p.requires_grad)
     model.set_adapter("b")
     assert any(n.endswith(".b") for n, p in model.named_parameters() if p.requires_grad and "neuron_select" in n)
-    assert not any(n.endswith(".default") for n, p in model.named_parameters() if p.requires_grad and "neuron_select" in n)
+    assert not any(
+        n.endswith(".default") for n, p in model.named_parameters() if p.requires_grad and "neuron_select" in n
+    )
 
 
 def test_layers_to_transform_and_exclude():

@@ -63,7 +63,10 @@ def check_routed_grads(model, ref, micro):
             mask = None if key is None else torch.tensor([float(g == key) for g in groups])
             (lm_loss(ref(input_ids=ids).logits, ids, mask) / len(micro)).backward()
         expected[key] = {
-            name: (modules[name].weight.grad.clone(), None if modules[name].bias is None else modules[name].bias.grad.clone())
+            name: (
+                modules[name].weight.grad.clone(),
+                None if modules[name].bias is None else modules[name].bias.grad.clone(),
+            )
             for name in adapted(model)
         }
     for name, layer in adapted(model).items():
