@@ -22,6 +22,7 @@ import weakref
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils import resolve_quantization_backend
@@ -67,10 +68,17 @@ class NeuronSelectLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
+        # plain references for the per-call hot path (nn.Module attribute lookups cost microseconds each)
+        self._fast = {
+            "deltas": self.neuron_select_delta._parameters,
+            "bias_deltas": self.neuron_select_bias_delta._parameters,
+            "indices": self.neuron_select_indices._buffers,
+        }
         self.quantization_backend = resolve_quantization_backend(
             self.get_base_layer(), get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass")
         )
         base = self.get_base_layer()
+        self._fast["base"] = base
         if isinstance(getattr(base, "weight", None), torch.Tensor):
             _OWN_WEIGHTS[self] = weakref.ref(base.weight)
         if isinstance(base, Conv1D):
@@ -163,7 +171,7 @@ class NeuronSelectLayer(BaseTunerLayer):
 
     def _dense_rows(self, adapter_name: str) -> Optional[torch.Tensor]:
         """The row index tensor, or None when every row is selected in order (dense path, no gathers)."""
-        rows = self.neuron_select_indices[adapter_name]
+        rows = self._fast["indices"][adapter_name]
         if rows.numel() != self.out_features:
             return rows
         cache = self.__dict__.setdefault("_dense_cache", {})
@@ -269,15 +277,16 @@ class NeuronSelectLayer(BaseTunerLayer):
     def _live_allowed(self) -> bool:
         if self.update_path == "additive" or self.quantization_backend is not None or self.weight_is_shared:
             return False
-        base = self.get_base_layer()
+        base = self._fast["base"]
         if type(base) not in (nn.Linear, Conv1D):
             return False
-        w = base.weight
-        if w.requires_grad or not w.is_floating_point() or type(w.data) is not torch.Tensor:
+        w = base._parameters.get("weight")
+        if w is None or w.requires_grad or not w.is_floating_point() or type(w.data) is not torch.Tensor:
             return False
-        if base.bias is not None and (base.bias.requires_grad or type(base.bias.data) is not torch.Tensor):
+        b = base._parameters.get("bias")
+        if b is not None and (b.requires_grad or type(b.data) is not torch.Tensor):
             return False
-        if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+        if base._forward_hooks or base._forward_pre_hooks or "_hf_hook" in base.__dict__:
             return False  # e.g. accelerate offloading: the base forward must run
         if self._weight_is_foreign():
             return False  # sharded or swapped in by FSDP2 / FSDP / ZeRO-3: never write rows into it
@@ -298,17 +307,17 @@ class NeuronSelectLayer(BaseTunerLayer):
 
     def _sync_live(self, adapter_name: str) -> None:
         """Write orig + delta into the base weight rows, unless nothing changed since the last write."""
-        base = self.get_base_layer()
-        delta = self.neuron_select_delta[adapter_name]
-        bias_delta = (
-            self.neuron_select_bias_delta[adapter_name] if adapter_name in self.neuron_select_bias_delta else None
-        )
+        fast = self._fast
+        base = fast["base"]
+        delta = fast["deltas"][adapter_name]
+        bias_delta = fast["bias_deltas"].get(adapter_name)
+        weight = base._parameters["weight"]
         key = (
             adapter_name,
             _OPTIMIZER_STEPS[0],
             id(delta), delta._version, delta.data_ptr(),
             None if bias_delta is None else (id(bias_delta), bias_delta._version, bias_delta.data_ptr()),
-            base.weight.data_ptr(), base.weight._version,
+            weight.data_ptr(), weight._version,
         )  # fmt: skip
         if self._live_key == key:
             return
@@ -389,6 +398,34 @@ class Linear(nn.Module, NeuronSelectLayer):
         return route.mask_for(self, adapter_name, batch)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # hot path: one active adapter, live rows (plain dict lookups only; this runs for every layer and token)
+        active = self._active_adapter
+        if isinstance(active, (list, tuple)) and len(active) == 1:
+            active = active[0]
+        fast = self._fast
+        if (
+            isinstance(active, str)
+            and not self._disable_adapters
+            and not self.merged_adapters
+            and active in fast["deltas"]
+            and not args
+            and not kwargs
+            and self._live_allowed()
+        ):
+            self._sync_live(active)
+            base = fast["base"]
+            weight, bias = base._parameters["weight"], base._parameters.get("bias")
+            delta = fast["deltas"][active]
+            if not (torch.is_grad_enabled() and (delta.requires_grad or x.requires_grad)):
+                # inference: exactly the base layer's matmul on the live weight
+                return F.linear(x, weight.t() if self.fan_in_fan_out else weight, bias)
+            return LiveRowsLinear.apply(
+                x, weight, bias, delta, fast["bias_deltas"].get(active), self._dense_rows(active),
+                self.fan_in_fan_out, self._route_mask(active, x.shape[0]),
+            )  # fmt: skip
+        return self._forward_general(x, *args, **kwargs)
+
+    def _forward_general(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
