@@ -126,6 +126,29 @@ def _neuron(ratio: float, update_path: Optional[str] = None) -> Callable:
     return make
 
 
+ROUTING_GROUPS = ("fr", "de", "hi", "tr")
+
+
+def _neuron_routed(ratio: float, specific: float = 0.1) -> Callable:
+    """Same number of rows as `_neuron(ratio)`, a `specific` share of them owned by 4 language groups (1:9)."""
+
+    def make(base):
+        gen = torch.Generator().manual_seed(0)
+        neurons, language = {}, {g: {} for g in ROUTING_GROUPS}
+        for name, module in base.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
+                n = module.out_features
+                picked = torch.randperm(n, generator=gen)[: max(1, round(ratio * n))].tolist()
+                n_spec = max(len(ROUTING_GROUPS), round(specific * len(picked)))
+                neurons[name] = picked[n_spec:]
+                for i, g in enumerate(ROUTING_GROUPS):
+                    language[g][name] = picked[i:n_spec : len(ROUTING_GROUPS)]
+        cfg = NeuronSelectConfig(target_modules=list(TARGETS), neurons=neurons, language_neurons=language)
+        return get_peft_model(base, cfg)
+
+    return make
+
+
 def _lora(dora: bool) -> Callable:
     def make(base):
         return get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=list(TARGETS), use_dora=dora))
@@ -152,6 +175,8 @@ BUILDERS: dict[str, Callable] = {
     "floor": _floor,
     # not in the default set: the additive path (works on any base layer), for comparison with the live default
     "neuron-10-additive": _neuron(0.1, "additive"),
+    # --routing: 10% rows, 1:9 split over 4 groups, mixed-language batches (compare with neuron-10, unrouted)
+    "neuron-10-routed": _neuron_routed(0.1),
 }
 
 
@@ -171,7 +196,10 @@ class Runner:
             emb = self.model.get_input_embeddings()(ids).detach().requires_grad_(True)
             self.model(inputs_embeds=emb, labels=ids).loss.backward()
             return
-        self.model(input_ids=ids, labels=ids).loss.backward()
+        extra = {}
+        if self.name.endswith("-routed"):  # one group per sample, all four groups in every batch
+            extra["neuron_groups"] = [ROUTING_GROUPS[i % len(ROUTING_GROUPS)] for i in range(ids.shape[0])]
+        self.model(input_ids=ids, labels=ids, **extra).loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
@@ -369,6 +397,7 @@ def check_targets(results: dict) -> list[tuple[str, Optional[float], float, Opti
         ("neuron-10 peak memory / LoRA", r("neuron-10", "lora", "peak_mib"), 0.80),
         ("neuron-100 step time / full FT", r("neuron-100", "full", key), 1.05),
         ("neuron-100 peak memory / full FT", r("neuron-100", "full", "peak_mib"), 1.30),
+        ("routed (4 groups, mixed batches) / unrouted step time", r("neuron-10-routed", "neuron-10", key), 1.05),
         ("unmerged inference overhead (neuron-10)", inf.get("neuron-10 unmerged", {}).get("overhead"), 0.05),
         (
             "merged inference overhead (target 0; <=2% = timing noise)",
@@ -421,7 +450,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--memory-only", action="store_true", help="only the peak-memory pass (no timing)")
     p.add_argument("--no-inference", action="store_true", help="skip the inference-overhead measurement")
-    p.add_argument("--routing", action="store_true", help="(reserved) benchmark per-sample routing; not implemented")
+    p.add_argument("--routing", action="store_true", help="also time neuron-10-routed (4 groups, mixed batches)")
     p.add_argument("--json", metavar="PATH", help="write all results and raw timings to PATH")
     return p.parse_args(argv)
 
@@ -439,12 +468,12 @@ def main(argv=None, log=print) -> Optional[dict]:
     if preset.device == "cuda" and not torch.cuda.is_available():
         log(f"CUDA is not available: skipping --preset {args.preset} on cuda (nothing measured).")
         return None
-    if args.routing:
-        log("--routing: per-sample routing is not benchmarked yet (hook reserved); running without routing.")
     threads = args.threads or preset.threads
     if preset.device == "cpu" and threads:
         torch.set_num_threads(threads)
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(METHODS)
+    if args.routing:
+        methods += [m for m in ("neuron-10", "neuron-10-routed") if m not in methods]
     unknown = sorted(set(methods) - set(BUILDERS))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {list(BUILDERS)}")
