@@ -45,7 +45,7 @@ from torch import nn
 from .model import AdapterMismatchError
 
 PARTS = ("vision", "projector", "language")
-_PROJECTOR_KEYS = ("multi_modal_projector", "mm_projector", "merger", "connector")
+_PROJECTOR_KEYS = ("multi_modal_projector", "mm_projector", "merger", "connector", "qformer", "language_projection")
 _VISION_KEYS = ("vision_tower", "vision_model", "visual")
 LAYER_SCORINGS = ("taylor", "activation_similarity")
 _JSON_NAME = "neuron_selection.json"
@@ -69,7 +69,7 @@ def _linear_out(module: nn.Module) -> Optional[int]:
     from transformers.pytorch_utils import Conv1D
 
     if isinstance(module, Conv1D):
-        return int(module.weight.shape[1])
+        return int(getattr(module.weight, "ds_shape", module.weight.shape)[1])  # ZeRO-3: the unpartitioned shape
     if isinstance(module, nn.Linear):
         return int(module.out_features)
     return None
@@ -132,6 +132,8 @@ def _n_of(ratio: float, n: int) -> int:
 
 def _device_of(model: nn.Module) -> torch.device:
     for p in model.parameters():
+        if hasattr(p, "ds_id") and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())  # ZeRO-3 (partitions may be offloaded)
         return p.device
     return torch.device("cpu")
 
@@ -147,10 +149,15 @@ def _loss_mask(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def _position_weights(out: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows of `out` as (N, out_features), fp32 weights (N,)): the loss mask for (batch, seq) outputs, else ones."""
+def _position_weights(
+    out: torch.Tensor, mask: torch.Tensor, per_token: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows of `out` as (N, out_features), fp32 weights (N,)): the loss mask for (batch, seq) outputs, else ones.
+
+    `per_token=False` (vision tower / projector layers) counts every position even when the patch count happens to
+    equal the text length."""
     flat = out.reshape(-1, out.shape[-1])
-    if out.dim() == 3 and tuple(out.shape[:2]) == tuple(mask.shape):
+    if per_token and out.dim() == 3 and tuple(out.shape[:2]) == tuple(mask.shape):
         w = mask.reshape(-1).to(torch.float32)
     else:
         w = torch.ones(flat.shape[0], dtype=torch.float32, device=out.device)
@@ -188,6 +195,7 @@ class _Scorer:
 
     def __init__(self, model, names, groups, reference=None):
         self.model, self.names, self.groups, self.reference = model, names, groups, reference
+        self.per_token = [model_part(n) == "language" for n in names]  # vision/projector: every patch counts
         modules = dict(model.named_modules())
         self.modules = [modules[n] for n in names]
         self.out_features = [_linear_out(m) for m in self.modules]
@@ -197,6 +205,7 @@ class _Scorer:
         self.cos_sum = torch.zeros(len(names), n_groups, dtype=torch.float64)
         self.loss_tokens = [0] * n_groups
         self.batches = [0] * n_groups
+        self.lockstep = False  # set when every rank must run the same passes (sharded model)
         self._outs: list[list[torch.Tensor]] = [[] for _ in names]
         self._ref_outs: list[list[torch.Tensor]] = [[] for _ in names]
         self._handles = []
@@ -223,6 +232,18 @@ class _Scorer:
     def _clear(self):
         for lst in self._outs + self._ref_outs:
             lst.clear()
+
+    def reduce(self) -> None:
+        """Sum every accumulator over all processes (a no-op without torch.distributed), so ranks scoring different
+        calibration shards end up with the scores of the union of the shards."""
+        from .distributed import all_reduce_sum
+
+        n = len(self.taylor)
+        ints = torch.tensor(self.loss_tokens + self.batches, dtype=torch.int64)
+        reduced = all_reduce_sum(self.taylor + [self.counts, self.cos_sum, ints])
+        self.taylor, (self.counts, self.cos_sum, ints) = reduced[:n], reduced[n:]
+        g = len(self.groups)
+        self.loss_tokens, self.batches = ints[:g].tolist(), ints[g:].tolist()
 
     def _make_hook(self, i):
         def hook(module, args, out):
@@ -253,8 +274,13 @@ class _Scorer:
         if batch["labels"].dim() != 2:
             raise ValueError(f"group {group!r} batch {index}: labels must be (batch, seq)")
 
-    def step(self, g: int, batch: Mapping, index: int) -> bool:
-        """Score one batch for group index g; False (and nothing added) when it has no loss tokens."""
+    def step(self, g: int, batch: Mapping, index: int, accumulate: bool = True) -> bool:
+        """Score one batch for group index g; False (and nothing added) when it has no loss tokens.
+
+        ``accumulate=False`` runs the forward and backward without adding anything: a rank with fewer batches does
+        this so that sharded models (FSDP2, ZeRO-3), whose forward and backward gather parameters collectively, see
+        the same number of passes on every rank. With ``self.lockstep`` a batch without loss tokens runs this way.
+        """
         group = self.groups[g]
         self._check_batch(batch, group, index)
         batch = _to_device(batch, _device_of(self.model))
@@ -263,7 +289,9 @@ class _Scorer:
         mask = _loss_mask(batch["labels"])
         n_tokens = int(mask.sum())
         if n_tokens == 0:
-            return False
+            if not self.lockstep:
+                return False
+            accumulate = False
         self._clear()
         try:
             if self.reference is not None:
@@ -279,6 +307,8 @@ class _Scorer:
                     loss = out.get("loss")
                 if loss is None:
                     raise ValueError(f"group {group!r} batch {index}: the model returned no loss (are labels passed?)")
+                if not accumulate:  # only the passes (and their collectives) count, not the values
+                    loss = torch.nan_to_num(loss) * 0.0
                 if not torch.isfinite(loss).all():
                     raise FloatingPointError(
                         f"group {group!r} batch {index}: loss is {float(loss.detach())} (not finite)"
@@ -287,8 +317,10 @@ class _Scorer:
                 if not acts:
                     raise RuntimeError("no targeted layer ran in the forward pass")
                 grads = torch.autograd.grad(loss * n_tokens, [a for _, a in acts], allow_unused=True)
+            if not accumulate:
+                return False
             for (i, a), grad in zip(acts, grads):
-                flat, w = _position_weights(a.detach(), mask)
+                flat, w = _position_weights(a.detach(), mask, self.per_token[i])
                 self.counts[i, g] += float(w.sum())
                 if grad is None:
                     continue  # the layer does not reach the loss: its score is 0
@@ -319,7 +351,7 @@ class _Scorer:
                         f"layer {self.names[i]!r}: output shape {tuple(a.shape)} differs from the reference's "
                         f"{tuple(r.shape)}"
                     )
-                flat, w = _position_weights(a.detach(), mask)
+                flat, w = _position_weights(a.detach(), mask, self.per_token[i])
                 cos = nn.functional.cosine_similarity(
                     flat.float(), r.reshape(flat.shape).to(flat.device).float(), dim=-1
                 )
@@ -409,20 +441,35 @@ def select_neurons(
 
     from tqdm.auto import tqdm
 
+    from .distributed import all_reduce_sum, is_distributed, needs_lockstep, rank
+
     scorer = _Scorer(model, names, [g for g, _ in groups], reference_model)
+    # sharded models gather parameters collectively in forward and backward: every rank must run the same passes
+    scorer.lockstep = needs_lockstep(model) or (reference_model is not None and needs_lockstep(reference_model))
+    progress = progress and rank() == 0
     with _Frozen(model, reference_model), scorer:
-        for g, (group, batches) in enumerate(groups):
-            total = len(batches) if hasattr(batches, "__len__") else None
-            seen = 0
-            for index, batch in enumerate(tqdm(batches, total=total, desc=f"scoring {group}", disable=not progress)):
-                scorer.step(g, batch, index)
-                seen += 1
-            if seen == 0:
-                raise ValueError(f"calibration group {group!r} is empty (no batches)")
-            if scorer.loss_tokens[g] == 0:
-                raise ValueError(
-                    f"calibration group {group!r} has no loss tokens: every label is -100 after the causal shift"
-                )
+        if scorer.lockstep:
+            seen = _score_lockstep(scorer, groups, progress)
+        else:
+            seen = []
+            for g, (group, batches) in enumerate(groups):
+                total = len(batches) if hasattr(batches, "__len__") else None
+                seen.append(0)
+                bar = tqdm(batches, total=total, desc=f"scoring {group}", disable=not progress)
+                for index, batch in enumerate(bar):
+                    scorer.step(g, batch, index)
+                    seen[g] += 1
+    # several processes (each with its own calibration shard): every rank gets the sums over all shards
+    seen = all_reduce_sum([torch.tensor(seen, dtype=torch.int64)])[0].tolist()
+    scorer.reduce()
+    where = " on any process" if is_distributed() else ""
+    for g, (group, _) in enumerate(groups):
+        if seen[g] == 0:
+            raise ValueError(f"calibration group {group!r} is empty (no batches{where})")
+        if scorer.loss_tokens[g] == 0:
+            raise ValueError(
+                f"calibration group {group!r} has no loss tokens: every label is -100 after the causal shift"
+            )
 
     counts = scorer.counts.clamp_min(1.0).to(torch.float32)
     neuron_scores = {n: scorer.taylor[i] / counts[i].unsqueeze(1) for i, n in enumerate(names)}
@@ -447,6 +494,30 @@ def select_neurons(
     )
     selection.decide()
     return selection
+
+
+def _score_lockstep(scorer: _Scorer, groups: list, progress: bool) -> list[int]:
+    """Score every group with the same number of passes on every rank (the maximum over ranks); a rank that runs
+    out of batches repeats one of its batches without adding it. Returns this rank's batch count per group."""
+    from tqdm.auto import tqdm
+
+    from .distributed import all_reduce_max
+
+    lists = [list(batches) for _, batches in groups]
+    spare = [b for batches in lists for b in batches]
+    maxima = all_reduce_max([len(b) for b in lists] + [0 if spare else 1])
+    if maxima[-1]:
+        raise ValueError(
+            "select_neurons on a sharded model: every process needs at least one calibration batch (forward and "
+            "backward gather the parameters together with the other processes)"
+        )
+    for g, ((group, _), batches) in enumerate(zip(groups, lists)):
+        for index in tqdm(range(maxima[g]), desc=f"scoring {group}", disable=not progress):
+            if index < len(batches):
+                scorer.step(g, batches[index], index)
+            else:
+                scorer.step(g, batches[-1] if batches else spare[0], index, accumulate=False)
+    return [len(b) for b in lists]
 
 
 def _taylor_layer_scores(neuron_scores: dict[str, torch.Tensor], names: list[str], parts: list[str]) -> torch.Tensor:
