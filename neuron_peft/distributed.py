@@ -1,0 +1,116 @@
+"""Helpers for multi-process use: DDP, FSDP2 (``fully_shard``) and DeepSpeed ZeRO-3.
+
+* DDP needs nothing special: the live path keeps working (every rank writes the same rows into its own replica).
+* Sharded bases (FSDP2 DTensor parameters, ZeRO-3 partitioned parameters) are served by the additive path: a
+  layer never writes rows into a weight it does not own (see ``NeuronSelectLayer._weight_is_foreign``). Call
+  `prepare_for_sharding` before sharding a model that already ran a forward, so no live rows are sharded with it.
+* `select_neurons` all-reduces its score accumulators (`all_reduce_sum`), so every rank selects the same rows;
+  on sharded models the ranks step through the calibration batches in lockstep (`needs_lockstep`).
+* `gathered_parameters` gathers ZeRO-3 partitioned parameters for reading (weight-based ``neuron_init``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+
+def is_distributed() -> bool:
+    """Whether torch.distributed is initialised with more than one process."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and world_size() > 1
+
+
+def world_size() -> int:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1
+    return torch.distributed.get_world_size()
+
+
+def rank() -> int:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 0
+    return torch.distributed.get_rank()
+
+
+def _collective_device() -> torch.device:
+    """CPU for gloo (and mixed cpu:gloo backends), the current accelerator for NCCL-only process groups."""
+    backend = str(torch.distributed.get_backend()).lower()
+    if "nccl" in backend and "gloo" not in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(tensors: Sequence[torch.Tensor], dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    """Element-wise sums over all processes of `tensors` (one collective), each returned in its own dtype/device.
+
+    Without an initialised multi-process group the tensors are returned unchanged. Sums are taken in `dtype`
+    (float64: exact for the counts, and the order of addition barely matters for the scores).
+    """
+    tensors = list(tensors)
+    if not is_distributed() or not tensors:
+        return tensors
+    device = _collective_device()
+    flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=dtype) for t in tensors])
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    out, offset = [], 0
+    for t in tensors:
+        n = t.numel()
+        out.append(flat[offset : offset + n].view(t.shape).to(device=t.device, dtype=t.dtype))
+        offset += n
+    return out
+
+
+def all_reduce_max(values: Sequence[int]) -> list[int]:
+    """Element-wise maxima over all processes of a list of integers (unchanged without a process group)."""
+    values = [int(v) for v in values]
+    if not is_distributed() or not values:
+        return values
+    t = torch.tensor(values, dtype=torch.int64, device=_collective_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
+
+
+def is_sharded_parameter(p: torch.Tensor) -> bool:
+    """A DTensor (FSDP2, tensor parallel) or a DeepSpeed ZeRO-3 partitioned parameter."""
+    return hasattr(p, "ds_id") or type(p.data) is not torch.Tensor or type(p).__name__ == "DTensor"
+
+
+def needs_lockstep(model: nn.Module) -> bool:
+    """Whether every rank must run the same number of forwards (sharded parameters gather collectively)."""
+    return is_distributed() and any(is_sharded_parameter(p) for p in model.parameters())
+
+
+@contextlib.contextmanager
+def gathered_parameters(params: Iterable[torch.Tensor]):
+    """Gather ZeRO-3 partitioned parameters for reading inside the block (a no-op for any other parameter).
+
+    Uses ``deepspeed.zero.GatheredParameters`` (read-only: ``modifier_rank=None``). Not tested here: DeepSpeed
+    needs an accelerator this project's CI does not have.
+    """
+    params = [p for p in params if p is not None]
+    zero3 = [p for p in params if hasattr(p, "ds_id")]
+    if not zero3:
+        yield
+        return
+    import deepspeed  # only reachable when DeepSpeed created the parameters
+
+    with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None):
+        yield
+
+
+def prepare_for_sharding(model: nn.Module) -> nn.Module:
+    """Put every NeuronSelect layer's original rows back into its base weight (call before FSDP / ZeRO-3 wrapping).
+
+    A forward on an unsharded model writes the selected rows into the base weights (the live path); sharding the
+    model afterwards would shard those rows with it. After this call the base weights are exactly the pretrained
+    ones; once sharded, the layers use the additive path by themselves.
+    """
+    from .layer import NeuronSelectLayer
+
+    for module in model.modules():
+        if isinstance(module, NeuronSelectLayer):
+            module._restore_live()
+    return model

@@ -1,0 +1,116 @@
+"""Smoke test of benchmarks/quality.py: every method's code path on a tiny random Llama with fake data (< 30 s)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_bench", QUALITY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run(quality, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality")
+    data = out / "data.jsonl"
+    exported = quality.main(["--preset", "tiny", "--export-data", str(data)], log=lambda s: None)
+    lines: list[str] = []
+    results = quality.main(["--preset", "tiny", "--data-file", str(data), "--out", str(out)], log=lines.append)
+    return results, "\n".join(lines), out, exported, data
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_every_method_ran(quality, run):
+    results, _, _, _, _ = run
+    assert list(results["methods"]) == list(quality.PRESETS["tiny"].methods)
+    assert set(results["methods"]) == set(quality.METHODS)
+    for name, r in results["methods"].items():
+        for split in ("test", "forget"):
+            assert _finite(r[split]["bleu"]) and _finite(r[split]["chrf"]), name
+            assert set(r[split]["per_group"]) == ({"en-fr", "en-de"} if split == "test" else {"en-sw", "en-id"})
+        if name == "zero-shot":
+            assert r["trainable"] == 0 and r["grid"] == []
+            continue
+        grid = quality.PRESETS["tiny"].grids[r["family"]]
+        assert [g["lr"] for g in r["grid"]] == grid, name  # every LR of the family's grid was tried on dev
+        best = max(r["grid"], key=lambda g: g["dev_chrf"])
+        assert r["lr"] == best["lr"], name  # picked on dev, never on test
+        assert r["trainable"] > 0 and _finite(r["train_seconds"]) and _finite(r["peak_mib"]), name
+        assert len(r["losses"]) == quality.PRESETS["tiny"].steps and all(map(_finite, r["losses"])), name
+
+
+def test_budgets_and_routing(run):
+    """Ablations keep their promises: random/magnitude rows match ns-0.4's budget; specific + agnostic = ns-0.4."""
+    m = run[0]["methods"]
+    assert m["ns-0.4-random"]["trainable"] == m["ns-0.4-magnitude"]["trainable"] == m["ns-0.4"]["trainable"]
+    assert m["ns-0.4-agnostic"]["trainable"] + m["ns-0.4-specific"]["trainable"] == m["ns-0.4"]["trainable"]
+    assert m["ns-0.4"]["trainable"] < m["ns-0.8"]["trainable"] <= m["ns-all-layers"]["trainable"]
+    assert m["lora-r8"]["trainable"] < m["lora-r16"]["trainable"] < m["dora-r16"]["trainable"]
+    assert m["full"]["trainable"] > m["ns-all-layers"]["trainable"]
+    assert m["ns-0.4"]["routed"] and m["ns-0.4-specific"]["routed"]
+    assert not m["ns-0.4-random"]["routed"] and not m["ns-0.4-agnostic"]["routed"] and not m["lora-r16"]["routed"]
+
+
+def test_outputs(quality, run):
+    results, text, out, _, _ = run
+    md = (out / "quality.md").read_text()
+    assert "Smoke-scale result" in md and "BLEU: `" in md and "chrF: `" in md  # label and sacrebleu signatures
+    table = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    for name in quality.METHODS:
+        assert any(ln.split("|")[1].strip() == name for ln in table), f"{name} missing from the markdown"
+    assert "Targets (issue 6)" in md and ("NOT MET" in md or "MET" in md)
+    assert md in text  # tables go to stdout too
+    assert (out / "quality_bleu.png").stat().st_size > 1000
+    dumped = json.loads((out / "results.json").read_text())
+    assert set(dumped["methods"]) == set(results["methods"])
+
+
+def test_export_roundtrip(quality, run, tmp_path):
+    _, _, _, exported, data = run
+    p = quality.PRESETS["tiny"]
+    assert exported["counts"]["train"] == {"en-fr": p.n_train, "en-de": p.n_train}
+    back = quality.read_data(data)
+    direct = quality.build_data(p)
+    assert {k: [vars(e) for e in v] for k, v in back.items()} == {k: [vars(e) for e in v] for k, v in direct.items()}
+    # splits never share a sentence pair
+    seen = {k: {(e.src, e.tgt) for e in v} for k, v in back.items()}
+    assert not (seen["train"] & seen["test"]) and not (seen["train"] & seen["dev"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"split": "train", "src": "a"}\n')
+    with pytest.raises(ValueError, match="missing field"):
+        quality.read_data(bad)
+
+
+def test_dry_run_gpu_preset(quality):
+    """The GPU preset's configuration resolves (all methods, 3-value grids, 200 test verses) without a model."""
+    lines: list[str] = []
+    plan = quality.main(["--preset", "gpu", "--model", "tiny", "--device", "cpu", "--dry-run"], log=lines.append)
+    assert plan["dry_run"] and plan["preset"]["n_test"] == 200 and not plan["preset"]["smoke"]
+    assert set(plan["preset"]["methods"]) == set(quality.METHODS)
+    assert plan["runs_planned"] == sum(3 for m in quality.METHODS if m != "zero-shot")
+    assert "full-scale comparison" in lines[0]
+
+
+def test_peak_memory_sees_allocation(quality):
+    import torch
+
+    with quality.PeakMemory(torch.device("cpu")) as mem:
+        x = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
+        del x
+    assert mem.peak_mib - mem.before_mib > 48 or "ru_maxrss" in mem.how
