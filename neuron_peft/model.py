@@ -315,8 +315,11 @@ def _weight_rows(base: nn.Module, name: str) -> torch.Tensor:
     from peft.utils import resolve_quantization_backend
     from transformers.pytorch_utils import Conv1D
 
+    from .distributed import gathered_parameters
+
     backend = resolve_quantization_backend(base)
     if backend is not None:
         return backend.get_base_weight(base).float()
-    weight = base.weight
+    with gathered_parameters([base.weight]):  # ZeRO-3: read the full weight, keep a copy past the block
+        weight = base.weight.detach().clone() if hasattr(base.weight, "ds_id") else base.weight
     return weight.t() if isinstance(base, Conv1D) else weight
