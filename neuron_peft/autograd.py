@@ -23,15 +23,15 @@ import torch
 import torch.nn.functional as F
 
 
-def _rows_grad(g_rows: torch.Tensor, x: torch.Tensor, route_mask: Optional[torch.Tensor], want_bias: bool):
-    """grad_delta = g_rows^T @ x over all tokens (and the bias rows), with per-sample routing."""
+def _rows_grad(g_rows, x, route_mask: Optional[torch.Tensor], want_bias: bool, dtype: torch.dtype):
+    """grad_delta = g_rows^T @ x over all tokens (and the bias rows), with per-sample routing, in `dtype`."""
     if route_mask is not None:
         shape = [route_mask.shape[0]] + [1] * (g_rows.dim() - 2) + [route_mask.shape[-1]]
         g_rows = g_rows * route_mask.view(shape).to(g_rows.dtype)
     g2 = g_rows.reshape(-1, g_rows.shape[-1])
     x2 = x.reshape(-1, x.shape[-1]).to(g2.dtype)
-    grad_delta = g2.t().matmul(x2)
-    grad_bias = g2.sum(0) if want_bias else None
+    grad_delta = g2.t().matmul(x2).to(dtype)
+    grad_bias = g2.sum(0).to(dtype) if want_bias else None
     return grad_delta, grad_bias
 
 
@@ -62,10 +62,7 @@ class LiveRowsLinear(torch.autograd.Function):
             grad_x = grad_y.matmul(w.to(grad_y.dtype)).to(ctx.x_dtype)
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             g_rows = grad_y if rows is None else grad_y.index_select(-1, rows)
-            grad_delta, grad_bias = _rows_grad(g_rows, x, route_mask, ctx.has_bias_delta)
-            grad_delta = grad_delta.to(ctx.delta_dtype)
-            if grad_bias is not None:
-                grad_bias = grad_bias.to(ctx.delta_dtype)
+            grad_delta, grad_bias = _rows_grad(g_rows, x, route_mask, ctx.has_bias_delta, ctx.delta_dtype)
         return grad_x, None, None, grad_delta, grad_bias, None, None, None
 
 
@@ -99,8 +96,5 @@ class AddRowDelta(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_x = g_rows.matmul(delta.to(g_rows.dtype)).to(ctx.x_dtype)
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            grad_delta, grad_bias = _rows_grad(g_rows, x, route_mask, ctx.has_bias_delta)
-            grad_delta = grad_delta.to(ctx.delta_dtype)
-            if grad_bias is not None:
-                grad_bias = grad_bias.to(ctx.delta_dtype)
+            grad_delta, grad_bias = _rows_grad(g_rows, x, route_mask, ctx.has_bias_delta, ctx.delta_dtype)
         return grad_out, grad_x, grad_delta, grad_bias, None, None

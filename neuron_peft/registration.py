@@ -56,92 +56,94 @@ class AdapterFileError(ValueError):
     """An adapter weights file is unreadable (corrupt or truncated)."""
 
 
+def _wrap_once(owner, name: str, make) -> None:
+    """Replace ``owner.name`` by ``make(original)`` unless already done (import is idempotent, wrappers never stack)."""
+    original = getattr(owner, name)
+    if getattr(original, "_neuron_peft_wrapped", False):
+        return
+    wrapped = make(original)
+    wrapped._neuron_peft_wrapped = True
+    wrapped.__wrapped__ = original
+    setattr(owner, name, wrapped)
+
+
 def _wrap_weight_loader() -> None:
     """Make PEFT name the file when safetensors cannot read it, instead of a bare header error."""
     import peft.utils.save_and_load as sl
 
-    original = sl.safe_load_file
-    if getattr(original, "_neuron_peft_wrapped", False):
-        return
+    def make(original):
+        def safe_load_file(filename, *args, **kwargs):
+            try:
+                return original(filename, *args, **kwargs)
+            except Exception as err:  # safetensors raises its own SafetensorError (not an OSError) for bad files
+                unreadable = type(err).__name__ == "SafetensorError" or (
+                    isinstance(err, (EOFError, OSError)) and "safetensors" in str(filename)
+                )
+                if unreadable:
+                    raise AdapterFileError(f"corrupt or truncated adapter file {filename}: {err}") from err
+                raise
 
-    def safe_load_file(filename, *args, **kwargs):
-        try:
-            return original(filename, *args, **kwargs)
-        except Exception as err:  # safetensors raises its own SafetensorError (not an OSError) for bad files
-            if (
-                type(err).__name__ == "SafetensorError"
-                or isinstance(err, (EOFError, OSError))
-                and "safetensors" in str(filename)
-            ):
-                raise AdapterFileError(f"corrupt or truncated adapter file {filename}: {err}") from err
-            raise
+        return safe_load_file
 
-    safe_load_file._neuron_peft_wrapped = True
-    sl.safe_load_file = safe_load_file
+    _wrap_once(sl, "safe_load_file", make)
+
+
+def _card_section(summary: dict) -> str:
+    lines = [
+        "## NeuronSelect adapter",
+        "",
+        "Neuron-level selective fine-tuning (neuron_peft): only selected output rows of Linear layers train.",
+        "",
+        f"- adapted layers: {summary['layers']}",
+        f"- selected rows: {summary['rows']} ({100 * summary['rows_of_targeted']:.2f}% of the rows of adapted layers)",
+        f"- trainable parameters: {summary['trainable_params']:,} ({summary['trainable_percent']:.4f}% of the base model)",
+    ]
+    if summary["language_rows"]:
+        lines.append("- language-specific rows: " + ", ".join(f"{g}: {n}" for g, n in summary["language_rows"].items()))
+    return "\n".join(lines) + "\n"
 
 
 def _wrap_model_card() -> None:
-    """Add a NeuronSelect section (layers, rows, trainable %) to the model card PEFT writes on save."""
+    """Add a NeuronSelect section (layers, rows, trainable %) and tag to the model card PEFT writes on save."""
+    import os
+
+    from huggingface_hub import ModelCard
     from peft import PeftModel
 
-    original = PeftModel.create_or_update_model_card
-    if getattr(original, "_neuron_peft_wrapped", False):
-        return
+    def make(original):
+        def create_or_update_model_card(self, output_dir: str):
+            original(self, output_dir)
+            summary = getattr(self.base_model, "selection_summary", None)
+            if summary is None or getattr(self.active_peft_config, "peft_type", None) != NEURON_SELECT_PEFT_TYPE:
+                return
+            path = os.path.join(output_dir, "README.md")
+            card = ModelCard.load(path)
+            card.data.tags = sorted(set(card.data.tags or []) | {"neuron-select", "peft"})
+            block, text = _card_section(summary()), card.text
+            if "## NeuronSelect adapter" in text:  # saving again replaces the section
+                head, _, rest = text.partition("## NeuronSelect adapter")
+                nxt = rest.find("\n## ")
+                text = head + block + (rest[nxt + 1 :] if nxt >= 0 else "")
+            else:
+                text = text.rstrip("\n") + "\n\n" + block
+            card.text = text
+            card.save(path)
 
-    def create_or_update_model_card(self, output_dir: str):
-        original(self, output_dir)
-        summary = getattr(self.base_model, "selection_summary", None)
-        if summary is None or getattr(self.active_peft_config, "peft_type", None) != NEURON_SELECT_PEFT_TYPE:
-            return
-        import os
+        return create_or_update_model_card
 
-        from huggingface_hub import ModelCard
-
-        path = os.path.join(output_dir, "README.md")
-        card = ModelCard.load(path)
-        tags = set(card.data.tags or [])
-        tags.update({"neuron-select", "peft"})
-        card.data.tags = sorted(tags)
-        s = summary()
-        lines = [
-            "## NeuronSelect adapter",
-            "",
-            "Neuron-level selective fine-tuning (neuron_peft): only selected output rows of Linear layers train.",
-            "",
-            f"- adapted layers: {s['layers']}",
-            f"- selected rows: {s['rows']} ({100 * s['rows_of_targeted']:.2f}% of the rows of adapted layers)",
-            f"- trainable parameters: {s['trainable_params']:,} ({s['trainable_percent']:.4f}% of the base model)",
-        ]
-        if s["language_rows"]:
-            lines.append("- language-specific rows: " + ", ".join(f"{g}: {n}" for g, n in s["language_rows"].items()))
-        block = "\n".join(lines) + "\n"
-        text = card.text
-        if "## NeuronSelect adapter" in text:
-            head, _, rest = text.partition("## NeuronSelect adapter")
-            nxt = rest.find("\n## ")
-            text = head + block + (rest[nxt + 1 :] if nxt >= 0 else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + block
-        card.text = text
-        card.save(path)
-
-    create_or_update_model_card._neuron_peft_wrapped = True
-    PeftModel.create_or_update_model_card = create_or_update_model_card
+    _wrap_once(PeftModel, "create_or_update_model_card", make)
 
 
 def _wrap_special_forward_args() -> None:
     """Let PeftModel strip `neuron_groups` from forward/generate calls, as it does for LoRA's `adapter_names`."""
     from peft import PeftModel
 
-    original = PeftModel.__init__
-    if getattr(original, "_neuron_peft_wrapped", False):
-        return
+    def make(original):
+        def __init__(self, model, peft_config, *args, **kwargs):
+            original(self, model, peft_config, *args, **kwargs)
+            if getattr(peft_config, "peft_type", None) == NEURON_SELECT_PEFT_TYPE:
+                self.special_peft_forward_args = set(self.special_peft_forward_args) | {"neuron_groups"}
 
-    def __init__(self, model, peft_config, *args, **kwargs):
-        original(self, model, peft_config, *args, **kwargs)
-        if getattr(peft_config, "peft_type", None) == NEURON_SELECT_PEFT_TYPE:
-            self.special_peft_forward_args = set(self.special_peft_forward_args) | {"neuron_groups"}
+        return __init__
 
-    __init__._neuron_peft_wrapped = True
-    __init__.__wrapped__ = original
-    PeftModel.__init__ = __init__
+    _wrap_once(PeftModel, "__init__", make)
