@@ -142,3 +142,25 @@ ARCHS = ["llama", "qwen2", "gemma3", "gpt2", "t5", "llava"]
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param
+
+
+# tiny Llama's targeted projections and their output sizes, for hand-built row selections
+LLAMA_ROW_SIZES = {"self_attn.q_proj": 32, "self_attn.v_proj": 16, "mlp.up_proj": 64, "mlp.down_proj": 32}
+
+
+def routed_llama_config(groups=("fr", "de"), init_weights=False, **kw):
+    """3 agnostic rows and 2 rows per language in every targeted layer of the tiny Llama (seeded)."""
+    from neuron_peft import NeuronSelectConfig
+
+    gen = torch.Generator().manual_seed(0)
+    neurons, language = {}, {g: {} for g in groups}
+    for i in range(2):
+        for suffix, n_out in LLAMA_ROW_SIZES.items():
+            name = f"model.layers.{i}.{suffix}"
+            perm = torch.randperm(n_out, generator=gen).tolist()
+            neurons[name] = perm[:3]
+            for j, g in enumerate(groups):
+                language[g][name] = perm[3 + 2 * j : 5 + 2 * j]
+    return NeuronSelectConfig(
+        target_modules=TARGETS["llama"], neurons=neurons, language_neurons=language, init_weights=init_weights, **kw
+    )

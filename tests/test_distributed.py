@@ -18,7 +18,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import VOCAB, tiny_qwen2
+from conftest import VOCAB, routed_llama_config, tiny_qwen2
 from peft import get_peft_model
 
 from neuron_peft import NeuronSelectConfig, NeuronSelectLayer, select_neurons
@@ -29,26 +29,14 @@ TIMEOUT_S = 150
 STEPS = 3
 GROUPS = ["fr", "de"]
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
-SIZES = {"self_attn.q_proj": 32, "self_attn.v_proj": 16, "mlp.up_proj": 64, "mlp.down_proj": 32}
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
 
 
 # ---------------------------------------------------------------------------------------------------- shared setup
 def routed_config(path: str) -> NeuronSelectConfig:
-    """3 agnostic rows and 2 rows per language in every targeted layer (Qwen2: q/k/v have biases)."""
-    gen = torch.Generator().manual_seed(0)
-    neurons, language = {}, {g: {} for g in GROUPS}
-    for i in range(2):
-        for suffix, n_out in SIZES.items():
-            name = f"model.layers.{i}.{suffix}"
-            perm = torch.randperm(n_out, generator=gen).tolist()
-            neurons[name] = perm[:3]
-            for j, g in enumerate(GROUPS):
-                language[g][name] = perm[3 + 2 * j : 5 + 2 * j]
-    return NeuronSelectConfig(
-        target_modules=TARGETS, neurons=neurons, language_neurons=language, init_weights=False, update_path=path
-    )
+    """3 agnostic rows and 2 rows per language in every targeted layer."""
+    return routed_llama_config(GROUPS, update_path=path)
 
 
 def build(path: str):

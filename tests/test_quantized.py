@@ -14,7 +14,7 @@ import copy
 import peft.utils
 import pytest
 import torch
-from conftest import VOCAB, tiny_llama
+from conftest import VOCAB, routed_llama_config, tiny_llama
 from peft import PeftModel, get_peft_model
 from peft.utils.quantization_utils import QuantizationBackend
 from torch import nn
@@ -23,24 +23,11 @@ import neuron_peft.layer
 from neuron_peft import NeuronSelectConfig, NeuronSelectLayer
 
 GROUPS = ["fr", "de"]
-SIZES = {"self_attn.q_proj": 32, "self_attn.v_proj": 16, "mlp.up_proj": 64, "mlp.down_proj": 32}
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
 def routed_config(init_weights=False, **kw) -> NeuronSelectConfig:
-    """3 agnostic rows and 2 rows per language in every targeted layer of the tiny Llama."""
-    gen = torch.Generator().manual_seed(0)
-    neurons, language = {}, {g: {} for g in GROUPS}
-    for i in range(2):
-        for suffix, n_out in SIZES.items():
-            name = f"model.layers.{i}.{suffix}"
-            perm = torch.randperm(n_out, generator=gen).tolist()
-            neurons[name] = perm[:3]
-            for j, g in enumerate(GROUPS):
-                language[g][name] = perm[3 + 2 * j : 5 + 2 * j]
-    return NeuronSelectConfig(
-        target_modules=TARGETS, neurons=neurons, language_neurons=language, init_weights=init_weights, **kw
-    )
+    return routed_llama_config(GROUPS, init_weights=init_weights, **kw)
 
 
 def layers(model):
