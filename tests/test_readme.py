@@ -23,8 +23,12 @@ def test_two_setup_commands_and_ci_runs_the_test_one():
     assert tests in ci.splitlines()
 
 
-def test_python_example_runs(tmp_path, monkeypatch):
+def test_python_examples_run(tmp_path, monkeypatch):
+    """Every Python block of the README, in order, in one namespace (as a reader would paste them)."""
     monkeypatch.chdir(tmp_path)
-    example = blocks("python")[0]
-    exec(compile(example, "README.md", "exec"), {"__name__": "readme"})
+    namespace = {"__name__": "readme"}
+    for i, example in enumerate(blocks("python")):
+        exec(compile(example, f"README.md python block {i + 1}", "exec"), namespace)
     assert (tmp_path / "my-adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "selection" / "neuron_selection.json").exists()
+    assert (tmp_path / "layers.png").exists() and (tmp_path / "neurons.png").exists()
