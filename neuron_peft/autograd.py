@@ -98,3 +98,42 @@ class AddRowDelta(torch.autograd.Function):
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             grad_delta, grad_bias = _rows_grad(g_rows, x, route_mask, ctx.has_bias_delta, ctx.delta_dtype)
         return grad_out, grad_x, grad_delta, grad_bias, None, None
+
+
+class DenseDeltaLinear(torch.autograd.Function):
+    """Every row selected, training: y = x @ (W0 + delta)^T + (b0 + bias_delta), W0 never written or copied to keep.
+
+    The effective weight is formed transiently in forward and again in backward (one layer at a time), so a dense
+    adapter holds no second copy of the base weight (the live path's saved original rows would be one); the cost
+    is two elementwise passes over the weight per step. Only ``grad_x`` and ``grad_delta = g^T @ x`` are computed.
+    """
+
+    @staticmethod
+    def _effective(weight, delta, fan_in_fan_out):
+        w = weight.t() if fan_in_fan_out else weight
+        return (w.float() + delta.float()).to(weight.dtype) if weight.dtype != delta.dtype else w + delta
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, delta, bias_delta, fan_in_fan_out, route_mask):
+        w = DenseDeltaLinear._effective(weight, delta.detach(), fan_in_fan_out)
+        b = bias
+        if bias_delta is not None:
+            b = (bias.float() + bias_delta.detach().float()).to(bias.dtype)
+        y = F.linear(x, w, b)
+        ctx.fan_in_fan_out = fan_in_fan_out
+        ctx.has_bias_delta = bias_delta is not None
+        ctx.delta_dtype = delta.dtype
+        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(x, weight, delta, route_mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, delta, route_mask = ctx.saved_tensors
+        grad_x = grad_delta = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            w = DenseDeltaLinear._effective(weight, delta.detach(), ctx.fan_in_fan_out)
+            grad_x = grad_y.matmul(w.to(grad_y.dtype)).to(ctx.x_dtype)
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            grad_delta, grad_bias = _rows_grad(grad_y, x, route_mask, ctx.has_bias_delta, ctx.delta_dtype)
+        return grad_x, None, None, grad_delta, grad_bias, None, None

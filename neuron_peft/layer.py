@@ -30,7 +30,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers.pytorch_utils import Conv1D
 
-from .autograd import AddRowDelta, LiveRowsLinear
+from .autograd import AddRowDelta, DenseDeltaLinear, LiveRowsLinear
 
 # Optimizers that write parameters outside autograd's version counter (fused AdamW, bitsandbytes, ...) still
 # run torch's global step hooks; counting steps lets live rows resync after any optimizer step.
@@ -397,6 +397,29 @@ class Linear(nn.Module, NeuronSelectLayer):
             return None
         return route.mask_for(self, adapter_name, batch)
 
+    def _live_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One adapter on a plain base weight: live rows (sparse), a transient dense weight (all rows), or inference."""
+        fast = self._fast
+        base = fast["base"]
+        weight, bias = base._parameters["weight"], base._parameters.get("bias")
+        delta = fast["deltas"][name]
+        training = torch.is_grad_enabled() and (delta.requires_grad or x.requires_grad)
+        rows = self._dense_rows(name)
+        if training and rows is None:
+            # every row selected: no live copy of the original weight (it would double the layer's memory)
+            self._restore_live()
+            return DenseDeltaLinear.apply(
+                x, weight, bias, delta, fast["bias_deltas"].get(name), self.fan_in_fan_out,
+                self._route_mask(name, x.shape[0]),
+            )  # fmt: skip
+        self._sync_live(name)
+        if not training:  # inference: exactly the base layer's matmul on the live weight
+            return F.linear(x, weight.t() if self.fan_in_fan_out else weight, bias)
+        return LiveRowsLinear.apply(
+            x, weight, bias, delta, fast["bias_deltas"].get(name), rows, self.fan_in_fan_out,
+            self._route_mask(name, x.shape[0]),
+        )  # fmt: skip
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # hot path: one active adapter, live rows (plain dict lookups only; this runs for every layer and token)
         active = self._active_adapter
@@ -412,17 +435,7 @@ class Linear(nn.Module, NeuronSelectLayer):
             and not kwargs
             and self._live_allowed()
         ):
-            self._sync_live(active)
-            base = fast["base"]
-            weight, bias = base._parameters["weight"], base._parameters.get("bias")
-            delta = fast["deltas"][active]
-            if not (torch.is_grad_enabled() and (delta.requires_grad or x.requires_grad)):
-                # inference: exactly the base layer's matmul on the live weight
-                return F.linear(x, weight.t() if self.fan_in_fan_out else weight, bias)
-            return LiveRowsLinear.apply(
-                x, weight, bias, delta, fast["bias_deltas"].get(active), self._dense_rows(active),
-                self.fan_in_fan_out, self._route_mask(active, x.shape[0]),
-            )  # fmt: skip
+            return self._live_forward(active, x)
         return self._forward_general(x, *args, **kwargs)
 
     def _forward_general(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -439,20 +452,7 @@ class Linear(nn.Module, NeuronSelectLayer):
             return self.base_layer(x, *args, **kwargs)
 
         if len(active) == 1 and not args and not kwargs and self._live_allowed():
-            name = active[0]
-            self._sync_live(name)
-            base = self.get_base_layer()
-            delta = self.neuron_select_delta[name]
-            bias_delta = self.neuron_select_bias_delta[name] if name in self.neuron_select_bias_delta else None
-            if not (torch.is_grad_enabled() and (delta.requires_grad or x.requires_grad)):
-                # inference: exactly the base layer's matmul on the live weight
-                w = base.weight.t() if self.fan_in_fan_out else base.weight
-                return torch.nn.functional.linear(x, w, base.bias)
-            rows = self._dense_rows(name)
-            return LiveRowsLinear.apply(
-                x, base.weight, base.bias, delta, bias_delta, rows, self.fan_in_fan_out,
-                self._route_mask(name, x.shape[0]),
-            )  # fmt: skip
+            return self._live_forward(active[0], x)
 
         self._restore_live()
         out = self.base_layer(x, *args, **kwargs)

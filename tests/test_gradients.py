@@ -239,3 +239,25 @@ def test_shape_recorder_sees_dense_weight_gradients():
     with recorder:
         loss.backward()
     assert (64, 32) in recorder.shapes
+
+
+def test_dense_training_keeps_no_copy_of_the_base_weight():
+    """All rows selected: training never writes the base weight nor keeps a copy of it; eval still matches."""
+    base, model = build("llama", ratio=1.0, path="live")
+    originals = {n: layer.get_base_layer().weight.detach().clone() for n, layer in adapted(model).items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    run_loss(model, "llama")
+    opt.step()
+    for name, layer in adapted(model).items():
+        assert not layer._live_orig, name
+        assert torch.equal(layer.get_base_layer().weight, originals[name]), name
+    model.eval()
+    inputs = make_loss_inputs("llama", seed=4)
+    with torch.no_grad():
+        expected = dense_reference(base, model)(**inputs).logits
+        torch.testing.assert_close(model(**inputs).logits, expected, atol=1e-5, rtol=1e-5)
+    model.train()
+    run_loss(model, "llama")  # back to training: the inference-time live rows are put back
+    for name, layer in adapted(model).items():
+        assert not layer._live_orig and torch.equal(layer.get_base_layer().weight, originals[name]), name
