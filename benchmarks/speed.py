@@ -142,7 +142,7 @@ def _neuron_routed(ratio: float, specific: float = 0.1) -> Callable:
                 n_spec = max(len(ROUTING_GROUPS), round(specific * len(picked)))
                 neurons[name] = picked[n_spec:]
                 for i, g in enumerate(ROUTING_GROUPS):
-                    language[g][name] = picked[i:n_spec : len(ROUTING_GROUPS)]
+                    language[g][name] = picked[i : n_spec : len(ROUTING_GROUPS)]
         cfg = NeuronSelectConfig(target_modules=list(TARGETS), neurons=neurons, language_neurons=language)
         return get_peft_model(base, cfg)
 
@@ -455,10 +455,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None, log=print) -> Optional[dict]:
-    """Run the benchmark; returns the results dict (None when the requested device is unavailable)."""
-    args = parse_args(argv)
-    preset = copy.deepcopy(PRESETS[args.preset])
+def resolve_preset(presets: dict, args, log=print):
+    """The preset with --device/--dtype/--threads applied; None (with a message) when CUDA is asked for but absent.
+
+    Moving a preset to the CPU without --dtype runs it in fp32 (bf16 matmuls are slow or emulated on most CPUs).
+    """
+    preset = copy.deepcopy(presets[args.preset])
     if args.device:
         preset.device = args.device
         if preset.device == "cpu" and preset.dtype == torch.bfloat16 and not args.dtype:
@@ -471,6 +473,15 @@ def main(argv=None, log=print) -> Optional[dict]:
     threads = args.threads or preset.threads
     if preset.device == "cpu" and threads:
         torch.set_num_threads(threads)
+    return preset
+
+
+def main(argv=None, log=print) -> Optional[dict]:
+    """Run the benchmark; returns the results dict (None when the requested device is unavailable)."""
+    args = parse_args(argv)
+    preset = resolve_preset(PRESETS, args, log)
+    if preset is None:
+        return None
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(METHODS)
     if args.routing:
         methods += [m for m in ("neuron-10", "neuron-10-routed") if m not in methods]

@@ -25,7 +25,6 @@ VLM and is not measured here.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import os
@@ -46,7 +45,16 @@ except ImportError:  # running from a checkout without installing
     import neuron_peft  # noqa: F401
 
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from speed import _MARK, _mark_ns, _release, _sync, _timed, cpu_peak_bytes, machine_info  # noqa: E402
+from speed import (  # noqa: E402
+    _MARK,
+    _mark_ns,
+    _release,
+    _sync,
+    _timed,
+    cpu_peak_bytes,
+    machine_info,
+    resolve_preset,
+)
 
 from neuron_peft import NeuronSelectConfig  # noqa: E402
 from neuron_peft.data import ParallelExample  # noqa: E402
@@ -250,19 +258,9 @@ def main(argv=None, log=print) -> Optional[dict]:
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
-    preset = copy.deepcopy(PRESETS[args.preset])
-    if args.device:
-        preset.device = args.device
-        if preset.device == "cpu" and not args.dtype:
-            preset.dtype = torch.float32
-    if args.dtype:
-        preset.dtype = getattr(torch, args.dtype)
-    if preset.device == "cuda" and not torch.cuda.is_available():
-        log(f"CUDA is not available: skipping --preset {args.preset} on cuda (nothing measured).")
+    preset = resolve_preset(PRESETS, args, log)
+    if preset is None:
         return None
-    threads = args.threads or preset.threads
-    if preset.device == "cpu" and threads:
-        torch.set_num_threads(threads)
     methods = args.methods.split(",") if args.methods else list(METHODS)
     rounds = args.rounds or preset.rounds
 
