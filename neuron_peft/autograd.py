@@ -35,6 +35,13 @@ def _rows_grad(g_rows, x, route_mask: Optional[torch.Tensor], want_bias: bool, d
     return grad_delta, grad_bias
 
 
+def _remember_dtypes(ctx, x, delta, bias_delta) -> None:
+    """What every backward needs to hand gradients back in their inputs' dtypes (fp32 deltas on a bf16 base)."""
+    ctx.has_bias_delta = bias_delta is not None
+    ctx.delta_dtype = delta.dtype
+    ctx.x_dtype = x.dtype
+
+
 class LiveRowsLinear(torch.autograd.Function):
     """y = x @ W^T + b where W and b already hold the live rows (W0[rows] + delta).
 
@@ -47,9 +54,7 @@ class LiveRowsLinear(torch.autograd.Function):
         w = weight.t() if fan_in_fan_out else weight
         y = F.linear(x, w, bias)
         ctx.fan_in_fan_out = fan_in_fan_out
-        ctx.has_bias_delta = bias_delta is not None
-        ctx.delta_dtype = delta.dtype
-        ctx.x_dtype = x.dtype
+        _remember_dtypes(ctx, x, delta, bias_delta)
         ctx.save_for_backward(x, weight, rows, route_mask)
         return y
 
@@ -82,9 +87,7 @@ class AddRowDelta(torch.autograd.Function):
             out.add_(update)
         else:
             out.index_add_(-1, rows, update)
-        ctx.has_bias_delta = bias_delta is not None
-        ctx.delta_dtype = delta.dtype
-        ctx.x_dtype = x.dtype
+        _remember_dtypes(ctx, x, delta, bias_delta)
         ctx.save_for_backward(x, delta, rows, route_mask)
         return out
 
@@ -121,9 +124,7 @@ class DenseDeltaLinear(torch.autograd.Function):
             b = (bias.float() + bias_delta.detach().float()).to(bias.dtype)
         y = F.linear(x, w, b)
         ctx.fan_in_fan_out = fan_in_fan_out
-        ctx.has_bias_delta = bias_delta is not None
-        ctx.delta_dtype = delta.dtype
-        ctx.x_dtype = x.dtype
+        _remember_dtypes(ctx, x, delta, bias_delta)
         ctx.save_for_backward(x, weight, delta, route_mask)
         return y
 
