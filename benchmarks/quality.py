@@ -133,6 +133,7 @@ class Preset:
     threads: Optional[int] = None
     seed: int = 0
     smoke: bool = True  # label outputs as smoke-scale
+    scale_label: str = ""  # overrides the smoke / full-scale label
     note: str = ""
 
 
@@ -151,6 +152,18 @@ PRESETS = {
         grids={"full": [2e-5, 1e-4], "lora": [5e-4, 2e-3], "neuron": [1e-4, 5e-4]}, threads=2,
         note="smoke scale: verses <= 80 chars, 200 pairs/language, 30 steps x 8, 12 test verses per language, "
         "6 methods, 2-value LR grids on 4 dev verses per language",
+    ),
+    "cpu-large": Preset(
+        model="gemma3-270m", langs=("fr", "de", "hi", "tr"), n_train=400, n_dev=8, n_test=50, n_forget=25,
+        n_calib=16, steps=80, batch_size=8, max_length=80, max_new_tokens=40, max_chars=80,
+        methods=("zero-shot", "ns-0.4", "lora-r16", "full", "ns-0.4-agnostic", "ns-0.4-random", "dora-r16"),
+        grids={"full": [1e-5, 3e-5], "lora": [7e-4, 2e-3], "neuron": [7e-5, 2e-4]}, threads=2, smoke=False,
+        scale_label="CPU-scale comparison (small training budget; read the confidence intervals)",
+        note="the largest comparison that fits one CPU session (about 90 min on 2 cores): verses <= 80 chars, 400 "
+        "pairs/language, 80 steps x 8, 50 test verses per language (200 in all) with paired-bootstrap confidence "
+        "intervals, 25 probe verses per untrained language, the headline methods plus the agnostic-only and "
+        "random-rows ablations, 2-value LR grids (bracketing the cpu preset's dev picks) on 8 dev verses per "
+        "language",
     ),
     "gpu": Preset(
         model="gemma3-270m", langs=("fr", "de", "hi", "tr"), n_train=2000, n_dev=25, n_test=200, n_forget=100,
@@ -466,6 +479,7 @@ def evaluate(model, tok, examples, p: Preset, shots: Optional[dict] = None) -> d
                          shots=(shots or {}).get(group, []))  # fmt: skip
         s = score_translations(hyps, [e.tgt for e in exs], tgt_lang=exs[0].tgt_lang)
         s["samples"] = [{"src": e.src, "ref": e.tgt, "hyp": h} for e, h in list(zip(exs, hyps))[:2]]
+        s["hyps"], s["refs"], s["tgt_lang"] = list(hyps), [e.tgt for e in exs], exs[0].tgt_lang
         per[group] = s
     return {
         "per_group": per,
@@ -560,7 +574,7 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
         return {"exported": args.export_data, "counts": counts}
 
     runs_planned = sum(len(p.grids[METHODS[m][0]]) for m in p.methods if METHODS[m][0] != "none")
-    label = "SMOKE-SCALE RESULT (not a real comparison)" if p.smoke else "full-scale comparison"
+    label = p.scale_label or ("SMOKE-SCALE RESULT (not a real comparison)" if p.smoke else "full-scale comparison")
     log(f"# quality benchmark, preset {args.preset}: {label}")
     log(f"  {p.note}")
     log(f"  model {p.model} ({p.dtype}) on {device}; languages {p.langs}, forgetting probe {p.forget_langs}")
@@ -638,6 +652,9 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
         (out_dir / "quality.md").write_text(partial + report_markdown(results, p, args.preset), encoding="utf-8")
 
     results["total_seconds"] = time.perf_counter() - t_all
+    test_pairs, forget_pairs = significance_pairs(results["methods"])
+    results["significance"] = {"test": significance(results, test_pairs, "test"),
+                               "forget": significance(results, forget_pairs, "forget")}  # fmt: skip
     results["targets"] = targets(results)
     md = report_markdown(results, p, args.preset)
     _write_json(out_dir / "results.json", results)
@@ -658,6 +675,91 @@ def _write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+# --------------------------------------------------------------------------------------------------- significance
+BOOTSTRAP_SAMPLES = 1000
+
+
+def _metric(name: str, tgt_lang: str):
+    import sacrebleu
+
+    from neuron_peft.data import _SACREBLEU_TOKENIZE
+
+    if name == "bleu":
+        return sacrebleu.metrics.BLEU(tokenize=_SACREBLEU_TOKENIZE.get(tgt_lang, "13a"))
+    return sacrebleu.metrics.CHRF()
+
+
+def bootstrap_scores(evaluation: dict, metric: str, seeds: dict) -> "np.ndarray":
+    """Language-averaged corpus score on each bootstrap resample: ``[n_samples]``.
+
+    Resampling is stratified by language (each language's sentences are drawn with replacement from that language
+    only), because the reported number is the mean of per-language corpus scores. ``seeds`` maps a group to its
+    resample indices, so two systems resampled with the same ``seeds`` form a *paired* bootstrap. Scores come from
+    sacrebleu's sufficient statistics, summed per resample, exactly as its own ``--paired-bs`` test does.
+    """
+    import numpy as np
+
+    per_lang = []
+    for group, s in evaluation["per_group"].items():
+        if "hyps" not in s:
+            raise ValueError(f"{group}: no hypotheses stored (results written before the significance test?)")
+        m = _metric(metric, s.get("tgt_lang", group.split("-")[-1]))
+        stats = np.asarray(m._extract_corpus_statistics(s["hyps"], [s["refs"]]), dtype=np.float64)
+        idx = seeds[group]
+        per_lang.append(np.array([m._compute_score_from_stats(stats[i].sum(0)).score for i in idx]))
+    return np.mean(per_lang, axis=0)
+
+
+def resample_indices(evaluation: dict, n_samples: int = BOOTSTRAP_SAMPLES, seed: int = 12345) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return {g: rng.integers(0, s["n"], size=(n_samples, s["n"])) for g, s in sorted(evaluation["per_group"].items())}
+
+
+def significance(results: dict, pairs: list[tuple[str, str]], split: str = "test",
+                 n_samples: int = BOOTSTRAP_SAMPLES, seed: int = 12345) -> dict:
+    """95% bootstrap intervals per method and paired differences ``system - baseline`` (BLEU and chrF).
+
+    ``p`` is the one-sided paired-bootstrap probability that the system is *not* better than the baseline: the
+    fraction of resamples in which its language-averaged score is <= the baseline's. Every method is resampled
+    with the same indices, so all intervals and differences are paired.
+    """
+    import numpy as np
+
+    m = results["methods"]
+    pairs = [(a, b) for a, b in pairs if a != b and a in m and b in m and split in m[a] and split in m[b]]
+    names = [n for n in m if split in m[n]]
+    if not names:
+        return {}
+    seeds = resample_indices(m[names[0]][split], n_samples, seed)
+    boot = {(n, k): bootstrap_scores(m[n][split], k, seeds) for n in names for k in ("bleu", "chrf")}
+    out: dict = {"n_samples": n_samples, "seed": seed, "split": split, "ci": {}, "paired": []}
+    for n in names:
+        out["ci"][n] = {k: [float(np.percentile(boot[n, k], 2.5)), float(np.percentile(boot[n, k], 97.5))]
+                        for k in ("bleu", "chrf")}  # fmt: skip
+    for a, b in pairs:
+        row = {"system": a, "baseline": b}
+        for k in ("bleu", "chrf"):
+            d = boot[a, k] - boot[b, k]
+            row[k] = {"delta": m[a][split][k] - m[b][split][k],
+                      "ci": [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))],
+                      "p": float((d <= 0).mean())}  # fmt: skip
+        out["paired"].append(row)
+    return out
+
+
+def significance_pairs(methods) -> tuple[list, list]:
+    """(test pairs, forgetting pairs): the headline NeuronSelect run against every other method, the other
+    NeuronSelect variants against LoRA r16 and full FT, and every trained method against the base on the probe."""
+    methods = list(methods)
+    head = "ns-0.4" if "ns-0.4" in methods else next((n for n in methods if METHODS[n][0] == "neuron"), None)
+    test = [(head, b) for b in methods if head and b != head]
+    test += [(a, b) for a in methods if METHODS[a][0] == "neuron" and a != head for b in ("lora-r16", "full")]
+    forget = [(a, "zero-shot") for a in methods if a != "zero-shot"]
+    return test, forget
+
+
 # ------------------------------------------------------------------------------------------------------ reporting
 def forgetting_drop(results: dict, method: str) -> float:
     return results["methods"]["zero-shot"]["forget"]["bleu"] - results["methods"][method]["forget"]["bleu"]
@@ -673,19 +775,59 @@ def targets(results: dict) -> list[dict]:
     def add(target, ok, measured):
         out.append({"target": target, "met": bool(ok), "measured": measured})
 
+    paired = {(r["system"], r["baseline"]): r for r in (results.get("significance") or {}).get("test", {}).get("paired", [])}
+
+    def interval(base):
+        r = paired.get((ns, base))
+        return f" (Δ {r['bleu']['delta']:+.2f}, 95% CI {_ci(r['bleu']['ci'])})" if r else ""
+
     b = m[ns]["test"]["bleu"]
     if "lora-r16" in m:
         lb = m["lora-r16"]["test"]["bleu"]
-        add(f"{ns} avg BLEU >= LoRA r16 + 1.0", b >= lb + 1.0, f"{b:.2f} vs {lb:.2f} + 1.0")
+        add(f"{ns} avg BLEU >= LoRA r16 + 1.0", b >= lb + 1.0, f"{b:.2f} vs {lb:.2f} + 1.0" + interval("lora-r16"))
         lt, nt = m["lora-r16"]["train_seconds"], m[ns]["train_seconds"]
         add(f"{ns} training wall-clock < LoRA r16", nt < lt, f"{nt:.0f} s vs {lt:.0f} s (selection +{results['select_seconds']:.0f} s not included)")
     if "full" in m:
         fb = m["full"]["test"]["bleu"]
-        add(f"{ns} avg BLEU >= full fine-tuning", b >= fb, f"{b:.2f} vs {fb:.2f}")
+        add(f"{ns} avg BLEU >= full fine-tuning", b >= fb, f"{b:.2f} vs {fb:.2f}" + interval("full"))
         nd, fd = forgetting_drop(results, ns), forgetting_drop(results, "full")
         ok = nd <= 0.5 * fd if fd > 0 else nd <= 0
         add(f"{ns} forgetting drop <= half of full FT's", ok, f"{nd:+.2f} vs {fd:+.2f} BLEU drop")
     return out
+
+
+def _ci(x) -> str:
+    return f"[{x[0] + 0.0:+.2f}, {x[1] + 0.0:+.2f}]"  # + 0.0 turns -0.0 into 0.0
+
+
+def significance_markdown(results: dict) -> list[str]:
+    sig = results.get("significance") or {}
+    test, forget = sig.get("test"), sig.get("forget")
+    if not test:
+        return []
+    lines = ["", f"Significance: paired bootstrap over the test sentences ({test['n_samples']} resamples, stratified "
+             "by language, seed {}; every method resampled with the same indices). Intervals are 95% percentile "
+             "intervals of the language-averaged corpus score; p = share of resamples in which the system is not "
+             "better than the baseline.".format(test["seed"]), "",
+             "| method | BLEU avg [95% CI] | chrF avg [95% CI] |", "|---|---|---|"]  # fmt: skip
+    m = results["methods"]
+    for name, ci in test["ci"].items():
+        lines.append(f"| {name} | {m[name]['test']['bleu']:.2f} [{ci['bleu'][0]:.2f}, {ci['bleu'][1]:.2f}] | "
+                     f"{m[name]['test']['chrf']:.2f} [{ci['chrf'][0]:.2f}, {ci['chrf'][1]:.2f}] |")  # fmt: skip
+    lines += ["", "| system − baseline | ΔBLEU [95% CI] | p | ΔchrF [95% CI] | p |", "|---|---|---|---|---|"]
+    for r in test["paired"]:
+        b, c = r["bleu"], r["chrf"]
+        lines.append(f"| {r['system']} − {r['baseline']} | {b['delta']:+.2f} {_ci(b['ci'])} | {b['p']:.3f} | "
+                     f"{c['delta']:+.2f} {_ci(c['ci'])} | {c['p']:.3f} |")  # fmt: skip
+    if forget and forget.get("paired"):
+        lines += ["", "Forgetting with intervals: probe BLEU drop vs the base (positive = forgot), paired bootstrap "
+                  "over the probe sentences.", "", "| method | BLEU drop [95% CI] | chrF drop [95% CI] |",
+                  "|---|---|---|"]  # fmt: skip
+        for r in forget["paired"]:
+            b, c = r["bleu"], r["chrf"]
+            lines.append(f"| {r['system']} | {0.0 - b['delta']:+.2f} {_ci([-b['ci'][1], -b['ci'][0]])} | "
+                         f"{0.0 - c['delta']:+.2f} {_ci([-c['ci'][1], -c['ci'][0]])} |")  # fmt: skip
+    return lines
 
 
 def report_markdown(results: dict, p: Preset, preset: str) -> str:
@@ -693,8 +835,12 @@ def report_markdown(results: dict, p: Preset, preset: str) -> str:
     langs = [f"en-{lang}" for lang in p.langs]
     forget = [f"en-{lang}" for lang in p.forget_langs]
     any_test = next(iter(m["zero-shot"]["test"]["per_group"].values()))
-    scale = ("**Smoke-scale result** (" + p.note + "): a code-path and trend check, not a real comparison."
-             if p.smoke else "Full-scale comparison: " + p.note + ".")  # fmt: skip
+    if p.scale_label:
+        scale = f"**{p.scale_label}**: {p.note}."
+    elif p.smoke:
+        scale = "**Smoke-scale result** (" + p.note + "): a code-path and trend check, not a real comparison."
+    else:
+        scale = "Full-scale comparison: " + p.note + "."
     lines = [
         f"### Translation quality, preset `{preset}`", "",
         scale, "",
@@ -745,6 +891,7 @@ def report_markdown(results: dict, p: Preset, preset: str) -> str:
         per = r["forget"]["per_group"]
         lines.append(f"| {name} | " + " | ".join(f"{fmt(per[g]['bleu'])} ({fmt(per[g]['chrf'], 1)})" for g in forget)
                      + f" | {fmt(r['forget']['bleu'])} | {fmt(forgetting_drop(results, name)) if name != 'zero-shot' else '-'} |")  # fmt: skip
+    lines += significance_markdown(results)
     lines += ["", "Learning-rate grid (dev split): lr → dev BLEU / chrF, training loss first → last", "",
               "| method | runs |", "|---|---|"]  # fmt: skip
     for name, r in m.items():

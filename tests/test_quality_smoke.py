@@ -114,3 +114,57 @@ def test_peak_memory_sees_allocation(quality):
         x = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
         del x
     assert mem.peak_mib - mem.before_mib > 48 or "ru_maxrss" in mem.how
+
+
+# ---------------------------------------------------------------------------------------- significance (bootstrap)
+_REFS = {
+    "en-fr": ["le chat est sur le tapis", "il fait beau aujourd'hui", "nous allons au marché", "la maison est grande"],
+    "en-de": ["die Katze sitzt auf der Matte", "heute ist schönes Wetter", "wir gehen zum Markt", "das Haus ist groß"],
+}
+
+
+def _evaluation(hyps_by_group):
+    per = {g: {"hyps": h, "refs": _REFS[g], "tgt_lang": g[3:], "n": len(h)} for g, h in hyps_by_group.items()}
+    return {"per_group": per}
+
+
+def test_bootstrap_matches_sacrebleu_on_hand_resamples(quality):
+    """Each resample's score = mean over languages of sacrebleu.corpus_bleu on the resampled sentence lists."""
+    import numpy as np
+    import sacrebleu
+
+    hyps = {"en-fr": ["le chat est sur tapis", "il fait beau", "nous allons au marché", "une maison"],
+            "en-de": ["die Katze sitzt auf Matte", "heute schönes Wetter", "wir gehen Markt", "das Haus ist groß"]}
+    ev = _evaluation(hyps)
+    seeds = {"en-fr": np.array([[0, 1, 2, 3], [0, 0, 3, 3], [2, 2, 2, 1]]),
+             "en-de": np.array([[0, 1, 2, 3], [1, 1, 1, 1], [3, 0, 3, 0]])}
+    for metric, score in (("bleu", sacrebleu.corpus_bleu), ("chrf", sacrebleu.corpus_chrf)):
+        got = quality.bootstrap_scores(ev, metric, seeds)
+        want = [np.mean([score([hyps[g][i] for i in seeds[g][b]], [[_REFS[g][i] for i in seeds[g][b]]]).score
+                         for g in hyps]) for b in range(3)]
+        assert np.allclose(got, want), (metric, got, want)
+
+
+def test_paired_bootstrap_detects_a_real_gap_and_not_a_fake_one(quality):
+    good = _evaluation({g: list(r) for g, r in _REFS.items()})  # perfect translations
+    bad = _evaluation({g: ["x y z"] * 4 for g in _REFS})
+    results = {"methods": {n: {"test": {**e, "bleu": 0.0, "chrf": 0.0}} for n, e in
+                           (("good", good), ("bad", bad), ("same", _evaluation({g: list(r) for g, r in _REFS.items()})))}}
+    sig = quality.significance(results, [("good", "bad"), ("good", "same"), ("bad", "good")], n_samples=200)
+    rows = {(r["system"], r["baseline"]): r for r in sig["paired"]}
+    assert rows["good", "bad"]["bleu"]["p"] == 0.0 and rows["good", "bad"]["bleu"]["ci"][0] > 90
+    assert rows["bad", "good"]["bleu"]["p"] == 1.0
+    assert rows["good", "same"]["bleu"]["ci"] == [0.0, 0.0] and rows["good", "same"]["bleu"]["p"] == 1.0
+    assert sig["ci"]["good"]["bleu"] == pytest.approx([100.0, 100.0])
+
+
+def test_significance_in_the_report(quality, run):
+    results, _, out, _, _ = run
+    md = (out / "quality.md").read_text()
+    assert "paired bootstrap" in md and "| ns-0.4 − lora-r16 |" in md
+    sig = results["significance"]["test"]
+    assert {(r["system"], r["baseline"]) for r in sig["paired"]} >= {("ns-0.4", "lora-r16"), ("ns-0.4", "full")}
+    for r in sig["paired"]:
+        lo, hi = r["bleu"]["ci"]
+        assert lo <= hi and 0.0 <= r["bleu"]["p"] <= 1.0
+    assert set(results["significance"]["forget"]["ci"]) == set(results["methods"])
