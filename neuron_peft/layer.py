@@ -391,11 +391,11 @@ class Linear(nn.Module, NeuronSelectLayer):
         self.register_state_dict_pre_hook(_restore_before_state_dict)
         self._register_load_state_dict_pre_hook(_restore_before_load, with_module=True)
 
-    def _route_mask(self, adapter_name: str, batch: int) -> Optional[torch.Tensor]:
+    def _route_mask(self, adapter_name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
         route = self._route
         if route is None:
             return None
-        return route.mask_for(self, adapter_name, batch)
+        return route.mask_for(self, adapter_name, x.shape[0], x.dim())
 
     def _live_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """One adapter on a plain base weight: live rows (sparse), a transient dense weight (all rows), or inference."""
@@ -410,14 +410,14 @@ class Linear(nn.Module, NeuronSelectLayer):
             self._restore_live()
             return DenseDeltaLinear.apply(
                 x, weight, bias, delta, fast["bias_deltas"].get(name), self.fan_in_fan_out,
-                self._route_mask(name, x.shape[0]),
+                self._route_mask(name, x),
             )  # fmt: skip
         self._sync_live(name)
         if not training:  # inference: exactly the base layer's matmul on the live weight
             return F.linear(x, weight.t() if self.fan_in_fan_out else weight, bias)
         return LiveRowsLinear.apply(
             x, weight, bias, delta, fast["bias_deltas"].get(name), rows, self.fan_in_fan_out,
-            self._route_mask(name, x.shape[0]),
+            self._route_mask(name, x),
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -462,7 +462,7 @@ class Linear(nn.Module, NeuronSelectLayer):
             delta = self.neuron_select_delta[name]
             bias_delta = self.neuron_select_bias_delta[name] if name in self.neuron_select_bias_delta else None
             out = AddRowDelta.apply(
-                out, x, delta, bias_delta, self._dense_rows(name), self._route_mask(name, x.shape[0])
+                out, x, delta, bias_delta, self._dense_rows(name), self._route_mask(name, x)
             )
         return out
 

@@ -7,6 +7,11 @@ backward multiplies into ``grad_out[..., rows]`` before ``^T @ x``. Agnostic row
 Groups reach the layers through one `RouteState` per model, set by ``model(**batch, neuron_groups=[...])`` or by
 ``with neuron_peft.route(model, groups):``. The state stays set until the next top-level forward, so gradient
 checkpointing (which re-runs layer forwards during backward) sees the same groups as the original forward.
+
+Vision towers that pack every image's patches into one ``(patches, dim)`` tensor (Qwen2-VL, Qwen2.5-VL: the
+forward takes ``image_grid_thw``) have no sample axis. For them the pre-hook maps each packed row to its sample
+from ``image_grid_thw`` / ``video_grid_thw`` and the image tokens in ``input_ids``
+(`neuron_peft.multimodal.packed_patch_samples`), so their language-specific rows are routed too.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class RouteState:
         self.call_groups: Optional[list[str]] = None  # set by PeftModel for one call (special forward arg)
         self.adapter_groups: dict[str, list[str]] = {}  # adapter name -> its groups (config.groups order)
         self._ids: dict = {}
+        self.packed: dict[int, torch.Tensor] = {}  # packed row count -> sample index of each row (vision towers)
         self._warned_no_groups = False
         self._warned_batch = False
         self._layer = None  # weak reference to one layer, to read the active adapters
@@ -68,6 +74,20 @@ class RouteState:
                     )
         self.groups = groups
         self._ids = {}
+        self.packed = {}
+
+    def set_packed(self, module, kwargs: dict) -> None:
+        """Map the rows of a packed-patch vision tower to samples, from the call's grids and image tokens."""
+        if self.groups is None:
+            return
+        if kwargs.get("image_grid_thw") is None and kwargs.get("video_grid_thw") is None:
+            return
+        from .multimodal import packed_patch_samples
+
+        self.packed = packed_patch_samples(
+            getattr(module, "config", None), kwargs.get("input_ids"), kwargs.get("image_grid_thw"),
+            kwargs.get("video_grid_thw"), n_samples=len(self.groups),
+        )  # fmt: skip
 
     def _sample_ids(self, adapter: str, device: torch.device) -> torch.Tensor:
         key = (adapter, device)
@@ -76,8 +96,12 @@ class RouteState:
             self._ids[key] = torch.tensor([index.get(g, -2) for g in self.groups], dtype=torch.long, device=device)
         return self._ids[key]
 
-    def mask_for(self, layer, adapter: str, batch: int) -> Optional[torch.Tensor]:
-        """(samples, k) mask of which rows each sample may update, or None when every row sees every sample."""
+    def mask_for(self, layer, adapter: str, batch: int, ndim: Optional[int] = None) -> Optional[torch.Tensor]:
+        """(samples, k) mask of which rows each sample may update, or None when every row sees every sample.
+
+        ``batch`` is the layer input's leading size and ``ndim`` its number of dimensions: a 2-D input whose length
+        is a packed-patch row count (see `set_packed`) gets one mask row per packed row.
+        """
         if not layer.has_specific_rows(adapter):
             return None
         row_groups = layer.neuron_select_row_groups[adapter]
@@ -92,14 +116,17 @@ class RouteState:
             return (row_groups == -1).unsqueeze(0)
         ids = self._sample_ids(adapter, row_groups.device)
         if ids.shape[0] != batch:
-            if len(set(self.groups)) == 1:
+            packed = self.packed.get(batch) if ndim == 2 else None
+            if packed is not None:
+                ids = ids[packed.to(ids.device)]  # the group of each packed patch row
+            elif len(set(self.groups)) == 1:
                 ids = ids[:1]  # one group for the whole batch: broadcast over whatever the layer's batch is
             else:
                 if not self._warned_batch:
                     warnings.warn(
                         f"NeuronSelect: a layer saw {batch} samples but the batch has {len(self.groups)} group "
-                        "names (e.g. a vision tower over image patches); its language-specific rows get no "
-                        "gradient from mixed-language batches.",
+                        "names (e.g. a vision tower over image patches that could not be mapped to samples); its "
+                        "language-specific rows get no gradient from mixed-language batches.",
                         stacklevel=3,
                     )
                     self._warned_batch = True
@@ -123,6 +150,7 @@ class GroupsPreHook:
             if groups is None:
                 groups = fallback
         self.state.set(groups)
+        self.state.set_packed(module, kwargs)
         return args, kwargs
 
 

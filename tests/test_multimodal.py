@@ -326,8 +326,7 @@ def test_selection_budgets_each_part(arch, dataset):
     for name in sel.kept_layers:  # vision and projector layers saw the images: non-zero scores
         assert float(sel.neuron_scores[name].sum()) > 0, name
     specific = {model_part(n) for g in sel.language_neurons.values() for n in g}
-    # Qwen2-VL packs all images' patches into one tensor: routing cannot reach its vision tower / merger
-    assert specific == ({"language"} if arch == "qwen2_vl" else rows_parts)
+    assert specific == rows_parts  # Qwen2-VL's packed patches are routed too (test_packed_patch_routing_...)
     assert mm.packs_patches(model) == (arch == "qwen2_vl")
     shared = select_vlm_neurons(model, calib, layer_ratio=ratios, neuron_ratio=0.5, specific_ratio=0.25,
                                 specific_parts=None, progress=False)  # fmt: skip
@@ -436,3 +435,88 @@ def test_training_on_rendered_images_reduces_loss(dataset):
     after = mean_loss()
     assert len(losses) == 8 and after < before - 0.1, (before, after, losses)
     assert all(float(p.detach().abs().sum()) > 0 for p in vision_rows)  # the vision tower's rows trained too
+
+
+# ------------------------------------------------------------------------------------- packed-patch routing
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_packed_patch_routing_matches_dense_reference(arch, dataset):
+    """Qwen2-VL / Qwen2.5-VL run every image's patches packed into one (patches, dim) tensor. In a mixed-language
+    batch, each vision / merger row must get exactly the gradient that a dense computation gives from the patches
+    of the samples allowed to update it (its own language's, or all for agnostic rows)."""
+    import copy
+
+    model = tiny_vlm(arch)
+    reference = copy.deepcopy(model)
+    inputs = _inputs(model)
+    calib = vlm_calibration_batches(inputs, dataset, batch_size=2)
+    sel = select_vlm_neurons(model, calib, layer_ratio=1.0, neuron_ratio=0.5, specific_ratio=0.5, progress=False)
+    specific_vision = {n for g in sel.language_neurons.values() for n in g if model_part(n) != "language"}
+    assert specific_vision, "the selection should own vision rows per language"
+    pm = peft.get_peft_model(model, sel.to_config(model=model, train_bias=True))
+    batch = inputs.collate(vlm_features(inputs, [dataset[0], dataset[2], dataset[1], dataset[3]]))
+    groups = list(batch["neuron_groups"])
+    assert len(set(groups)) == 2
+    grid = batch["image_grid_thw"]
+    assert grid.shape[0] == len(groups) and bool((grid == grid[0]).all())  # one same-size image per sample
+    patches = int(grid[0].prod())
+
+    # dense reference: inputs and output gradients of the plain model's vision Linear layers
+    captured = {}
+
+    def capture(name):
+        def hook(module, args, out):
+            out.retain_grad()
+            captured[name] = (args[0].detach(), out)
+
+        return hook
+
+    ref_modules = dict(reference.named_modules())
+    names = [n for n in sel.kept_layers if model_part(n) != "language"]
+    handles = [ref_modules[n].register_forward_hook(capture(n)) for n in names]
+    plain = {k: v for k, v in batch.items() if k != "neuron_groups"}
+    reference(**plain).loss.backward()
+    for h in handles:
+        h.remove()
+
+    pm.train()
+    pm(**batch).loss.backward()
+    layers = {n[len("base_model.model."):]: m for n, m in pm.named_modules() if isinstance(m, neuron_peft.Linear)}
+    adapter_groups = pm.peft_config["default"].groups
+    checked_specific = 0
+    for name in names:
+        x, out = captured[name]
+        assert x.dim() == 2, (name, x.shape)  # packed: no sample axis
+        per_image = patches if x.shape[0] == patches * len(groups) else patches // 4
+        assert x.shape[0] == per_image * len(groups), (name, x.shape)
+        sample = torch.arange(len(groups)).repeat_interleave(per_image)  # images are packed in batch order
+        layer = layers[name]
+        rows = layer.neuron_select_indices["default"]
+        owners = layer.neuron_select_row_groups["default"]
+        grad = layer.neuron_select_delta["default"].grad
+        bias_grad = layer.neuron_select_bias_delta["default"].grad
+        for j, (r, owner) in enumerate(zip(rows.tolist(), owners.tolist())):
+            if owner < 0:
+                keep = torch.ones(len(groups), dtype=torch.bool)
+            else:
+                keep = torch.tensor([g == adapter_groups[owner] for g in groups])
+                checked_specific += 1
+            m = keep[sample].to(x.dtype).unsqueeze(1)
+            g = out.grad[:, r : r + 1] * m
+            torch.testing.assert_close(grad[j], (g * x).sum(0), rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(bias_grad[j], g.sum(), rtol=1e-4, atol=1e-6)
+    assert checked_specific > 0
+
+
+def test_packed_patch_samples_assigns_images_to_samples():
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(image_token_id=9, video_token_id=8, vision_config=SimpleNamespace(spatial_merge_size=2))
+    # sample 0: no image; sample 1: two images (4 + 2 merged tokens); sample 2: one image (4 merged tokens)
+    ids = torch.tensor([[1, 2, 3, 0, 0, 0, 0, 0], [9, 9, 9, 9, 9, 9, 5, 0], [9, 9, 9, 9, 1, 1, 1, 1]])
+    grid = torch.tensor([[1, 4, 4], [1, 2, 4], [1, 4, 4]])  # 16, 8, 16 patches -> 4, 2, 4 merged tokens
+    out = mm.packed_patch_samples(cfg, ids, grid, n_samples=3)
+    assert out[40].tolist() == [1] * 16 + [1] * 8 + [2] * 16
+    assert out[10].tolist() == [1] * 4 + [1] * 2 + [2] * 4
+    assert mm.packed_patch_samples(cfg, ids, grid[:2], n_samples=3) == {}  # tokens without images
+    assert mm.packed_patch_samples(cfg, None, grid) == {}  # inputs_embeds: cannot map
+    assert mm.packed_patch_samples(cfg, ids, grid, n_samples=2) == {}  # groups do not match the batch
