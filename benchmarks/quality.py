@@ -527,6 +527,9 @@ def parse_args(argv):
     ap.add_argument("--export-data", default=None, help="write the preset's pairs (all splits) as jsonl and exit")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/quality_out/<preset>)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and data sizes; load no model")
+    ap.add_argument("--report", default=None, metavar="RESULTS_JSON",
+                    help="rebuild quality.md (significance, targets, plot) from a results.json, also a partial one "
+                    "from an interrupted run; trains nothing")  # fmt: skip
     return ap.parse_args(argv)
 
 
@@ -553,8 +556,41 @@ def fmt(x, nd=2) -> str:
     return "n/a" if x is None or x != x else f"{x:.{nd}f}"
 
 
+def finish_report(results: dict, p: Preset, out_dir: Path, label: str, log: Callable[[str], None]) -> str:
+    """Significance, targets, quality.md, results.json and the plot from the per-method results."""
+    test_pairs, forget_pairs = significance_pairs(results["methods"])
+    results["significance"] = {"test": significance(results, test_pairs, "test"),
+                               "forget": significance(results, forget_pairs, "forget")}  # fmt: skip
+    results["targets"] = targets(results)
+    md = report_markdown(results, p, results["preset"])
+    _write_json(out_dir / "results.json", results)
+    (out_dir / "quality.md").write_text(md, encoding="utf-8")
+    try:
+        plot(results, out_dir / "quality_bleu.png", label)
+        results["plot"] = str(out_dir / "quality_bleu.png")
+    except ImportError as err:
+        log(f"(plot skipped: {err})")
+    return md
+
+
+def rebuild_report(path: Path, log: Callable[[str], None]) -> dict:
+    results = json.loads(Path(path).read_text(encoding="utf-8"))
+    p = Preset(**{k: tuple(v) if k in ("langs", "methods", "forget_langs") else v
+                  for k, v in results["config"].items() if k in Preset.__dataclass_fields__})  # fmt: skip
+    ran = [n for n in p.methods if n in results["methods"]]
+    if ran != list(p.methods):
+        log(f"partial results: {len(ran)} of {len(p.methods)} methods ran ({', '.join(ran)})")
+        results.setdefault("total_seconds", float("nan"))
+    label = p.scale_label or ("SMOKE-SCALE RESULT (not a real comparison)" if p.smoke else "full-scale comparison")
+    md = finish_report(results, p, Path(path).parent, label, log)
+    log(md)
+    return results
+
+
 def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
     args = parse_args(argv)
+    if args.report:
+        return rebuild_report(Path(args.report), log)
     p = resolve_preset(args)
     if p.threads:
         torch.set_num_threads(p.threads)
@@ -652,18 +688,7 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
         (out_dir / "quality.md").write_text(partial + report_markdown(results, p, args.preset), encoding="utf-8")
 
     results["total_seconds"] = time.perf_counter() - t_all
-    test_pairs, forget_pairs = significance_pairs(results["methods"])
-    results["significance"] = {"test": significance(results, test_pairs, "test"),
-                               "forget": significance(results, forget_pairs, "forget")}  # fmt: skip
-    results["targets"] = targets(results)
-    md = report_markdown(results, p, args.preset)
-    _write_json(out_dir / "results.json", results)
-    (out_dir / "quality.md").write_text(md, encoding="utf-8")
-    try:
-        plot(results, out_dir / "quality_bleu.png", label)
-        results["plot"] = str(out_dir / "quality_bleu.png")
-    except ImportError as err:
-        log(f"(plot skipped: {err})")
+    md = finish_report(results, p, out_dir, label, log)
     log("\n" + md)
     log(f"wrote {out_dir}/quality.md, results.json, quality_bleu.png")
     return results

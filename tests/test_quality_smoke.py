@@ -168,3 +168,22 @@ def test_significance_in_the_report(quality, run):
         lo, hi = r["bleu"]["ci"]
         assert lo <= hi and 0.0 <= r["bleu"]["p"] <= 1.0
     assert set(results["significance"]["forget"]["ci"]) == set(results["methods"])
+
+
+def test_report_rebuilds_from_partial_results(quality, run, tmp_path):
+    """--report turns the results.json of an interrupted run into a full report (significance, targets, plot)."""
+    results, _, out, _, _ = run
+    saved = json.loads((out / "results.json").read_text())
+    for key in ("significance", "targets", "total_seconds"):
+        saved.pop(key)
+    del saved["methods"]["ns-0.4-magnitude"]  # the run stopped before its last method
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    lines: list[str] = []
+    rebuilt = quality.main(["--report", str(tmp_path / "results.json")], log=lines.append)
+    assert "partial results: 11 of 12 methods" in lines[0]
+    md = (tmp_path / "quality.md").read_text()
+    assert "| ns-0.4 − lora-r16 |" in md and "ns-0.4-magnitude" not in md
+    assert rebuilt["significance"]["test"]["paired"] and (tmp_path / "quality_bleu.png").exists()
+    same = {(r["system"], r["baseline"]): r["bleu"]["ci"] for r in rebuilt["significance"]["test"]["paired"]}
+    full = {(r["system"], r["baseline"]): r["bleu"]["ci"] for r in results["significance"]["test"]["paired"]}
+    assert all(same[k] == full[k] for k in same)  # same resamples, same intervals
