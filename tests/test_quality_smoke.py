@@ -187,3 +187,17 @@ def test_report_rebuilds_from_partial_results(quality, run, tmp_path):
     same = {(r["system"], r["baseline"]): r["bleu"]["ci"] for r in rebuilt["significance"]["test"]["paired"]}
     full = {(r["system"], r["baseline"]): r["bleu"]["ci"] for r in results["significance"]["test"]["paired"]}
     assert all(same[k] == full[k] for k in same)  # same resamples, same intervals
+
+
+def test_interleaved_step_timing_smoke():
+    spec = importlib.util.spec_from_file_location("interleaved_steps", QUALITY.with_name("interleaved_steps.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lines: list[str] = []
+    out = module.main(["--preset", "tiny", "--methods", "lora-r16,ns-0.4,ns-0.4-random", "--steps", "2"],
+                      log=lines.append)
+    assert {m: len(t) for m, t in out["times"].items()} == {"lora-r16": 2, "ns-0.4": 2, "ns-0.4-random": 2}
+    assert out["summary"]["lora-r16"]["ratio"] == 1.0 and all(_finite(s["ratio"]) for s in out["summary"].values())
+    assert any(line.startswith("| ns-0.4 |") for line in lines)
+    with pytest.raises(SystemExit):
+        module.main(["--preset", "tiny", "--methods", "zero-shot,ns-0.4"], log=lines.append)
