@@ -942,10 +942,24 @@ def plot(results: dict, path: Path, label: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(names) + 4), 4.2))
     colors = {"none": "#999999", "full": "#d62728", "lora": "#1f77b4", "neuron": "#2ca02c"}
     c = [colors[m[n]["family"]] for n in names]
-    axes[0].bar(names, [m[n]["test"]["bleu"] for n in names], color=c)
-    axes[0].set_ylabel("test BLEU (average over languages)")
+    ci = ((results.get("significance") or {}).get("test") or {}).get("ci", {})
+    bleu = [m[n]["test"]["bleu"] for n in names]
+    yerr = None
+    if all(n in ci for n in names):  # 95% paired-bootstrap intervals as asymmetric error bars
+        yerr = [[max(0.0, b - ci[n]["bleu"][0]) for n, b in zip(names, bleu)],
+                [max(0.0, ci[n]["bleu"][1] - b) for n, b in zip(names, bleu)]]  # fmt: skip
+    axes[0].bar(names, bleu, color=c, yerr=yerr, capsize=3 if yerr else 0)
+    axes[0].set_ylabel("test BLEU (average over languages)" + (", 95% CI" if yerr else ""))
     axes[0].set_title("translation quality")
-    axes[1].bar(names, [forgetting_drop(results, n) for n in names], color=c)
+    drops = [forgetting_drop(results, n) for n in names]
+    paired = {r["system"]: r["bleu"]["ci"] for r in ((results.get("significance") or {}).get("forget") or {}).get(
+        "paired", []) if r["baseline"] == "zero-shot"}  # fmt: skip
+    derr = None
+    if all(n in paired for n in names if n != "zero-shot"):  # drop = -(method - base): flip the interval
+        lo = [0.0 if n == "zero-shot" else max(0.0, d + paired[n][1]) for n, d in zip(names, drops)]
+        hi = [0.0 if n == "zero-shot" else max(0.0, -paired[n][0] - d) for n, d in zip(names, drops)]
+        derr = [lo, hi]
+    axes[1].bar(names, drops, color=c, yerr=derr, capsize=3 if derr else 0)
     axes[1].axhline(0, color="black", lw=0.8)
     axes[1].set_ylabel("BLEU drop on untrained languages")
     axes[1].set_title("forgetting (sw, id)")
