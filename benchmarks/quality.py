@@ -140,24 +140,59 @@ class Preset:
 ALL_METHODS = tuple(METHODS)
 PRESETS = {
     "tiny": Preset(
-        model="tiny", langs=("fr", "de"), n_train=24, n_dev=3, n_test=4, n_forget=3, n_calib=4, steps=3,
-        batch_size=4, max_length=48, max_new_tokens=8, methods=ALL_METHODS, eval_batch_size=8,
-        grids={"full": [1e-3, 3e-3], "lora": [3e-3, 1e-2], "neuron": [3e-3, 1e-2]}, threads=1,
+        model="tiny",
+        langs=("fr", "de"),
+        n_train=24,
+        n_dev=3,
+        n_test=4,
+        n_forget=3,
+        n_calib=4,
+        steps=3,
+        batch_size=4,
+        max_length=48,
+        max_new_tokens=8,
+        methods=ALL_METHODS,
+        eval_batch_size=8,
+        grids={"full": [1e-3, 3e-3], "lora": [3e-3, 1e-2], "neuron": [3e-3, 1e-2]},
+        threads=1,
         note="tiny random Llama + fake data: exercises every code path; the numbers mean nothing",
     ),
     "cpu": Preset(
-        model="gemma3-270m", langs=("fr", "de", "hi", "tr"), n_train=200, n_dev=4, n_test=12, n_forget=8,
-        n_calib=8, steps=30, batch_size=8, max_length=80, max_new_tokens=40, max_chars=80,
+        model="gemma3-270m",
+        langs=("fr", "de", "hi", "tr"),
+        n_train=200,
+        n_dev=4,
+        n_test=12,
+        n_forget=8,
+        n_calib=8,
+        steps=30,
+        batch_size=8,
+        max_length=80,
+        max_new_tokens=40,
+        max_chars=80,
         methods=("zero-shot", "ns-0.4", "lora-r16", "full", "ns-0.4-random", "ns-0.4-agnostic"),
-        grids={"full": [2e-5, 1e-4], "lora": [5e-4, 2e-3], "neuron": [1e-4, 5e-4]}, threads=2,
+        grids={"full": [2e-5, 1e-4], "lora": [5e-4, 2e-3], "neuron": [1e-4, 5e-4]},
+        threads=2,
         note="smoke scale: verses <= 80 chars, 200 pairs/language, 30 steps x 8, 12 test verses per language, "
         "6 methods, 2-value LR grids on 4 dev verses per language",
     ),
     "cpu-large": Preset(
-        model="gemma3-270m", langs=("fr", "de", "hi", "tr"), n_train=400, n_dev=8, n_test=50, n_forget=25,
-        n_calib=16, steps=80, batch_size=8, max_length=80, max_new_tokens=40, max_chars=80,
+        model="gemma3-270m",
+        langs=("fr", "de", "hi", "tr"),
+        n_train=400,
+        n_dev=8,
+        n_test=50,
+        n_forget=25,
+        n_calib=16,
+        steps=80,
+        batch_size=8,
+        max_length=80,
+        max_new_tokens=40,
+        max_chars=80,
         methods=("zero-shot", "ns-0.4", "lora-r16", "full", "ns-0.4-agnostic", "ns-0.4-random", "dora-r16"),
-        grids={"full": [1e-5, 3e-5], "lora": [7e-4, 2e-3], "neuron": [7e-5, 2e-4]}, threads=2, smoke=False,
+        grids={"full": [1e-5, 3e-5], "lora": [7e-4, 2e-3], "neuron": [7e-5, 2e-4]},
+        threads=2,
+        smoke=False,
         scale_label="CPU-scale comparison (small training budget; read the confidence intervals)",
         note="the largest comparison that fits one CPU session (about 90 min on 2 cores): verses <= 80 chars, 400 "
         "pairs/language, 80 steps x 8, 50 test verses per language (200 in all) with paired-bootstrap confidence "
@@ -166,9 +201,22 @@ PRESETS = {
         "language",
     ),
     "gpu": Preset(
-        model="gemma3-270m", langs=("fr", "de", "hi", "tr"), n_train=2000, n_dev=25, n_test=200, n_forget=100,
-        n_calib=64, steps=400, batch_size=16, max_length=160, max_new_tokens=96, max_chars=200,
-        methods=ALL_METHODS, eval_batch_size=128, calib_batch_size=8, smoke=False,
+        model="gemma3-270m",
+        langs=("fr", "de", "hi", "tr"),
+        n_train=2000,
+        n_dev=25,
+        n_test=200,
+        n_forget=100,
+        n_calib=64,
+        steps=400,
+        batch_size=16,
+        max_length=160,
+        max_new_tokens=96,
+        max_chars=200,
+        methods=ALL_METHODS,
+        eval_batch_size=128,
+        calib_batch_size=8,
+        smoke=False,
         grids={"full": [1e-5, 3e-5, 1e-4], "lora": [2e-4, 5e-4, 1e-3], "neuron": [3e-5, 1e-4, 3e-4]},
         note="full comparison: 2000 pairs per language (8000 in all, 400 steps x 16 = one epoch), 200 test verses "
         "per language, all methods, 3-value LR grids on 25 dev verses per language; fp32 weights with TF32 matmuls",
@@ -630,7 +678,9 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
         f"parameters; machine {info['cpu']} x{info['nproc']}, torch {info['torch']}, {info['torch_threads']} "
         f"threads, load average {info['loadavg']}")  # fmt: skip
     features = encode_examples(tok, data["train"], p.max_length, on_overflow="skip")
-    forget_shots = {g: exs[: p.forget_shots] for g, exs in by_group(data["forget_dev"]).items()} if p.forget_shots else {}
+    forget_shots = (
+        {g: exs[: p.forget_shots] for g, exs in by_group(data["forget_dev"]).items()} if p.forget_shots else {}
+    )
 
     results: dict = {"preset": args.preset, "config": asdict(p), "machine": info, "counts": counts,
                      "train_features": len(features), "methods": {}, "argv": sys.argv if argv is None else argv}  # fmt: skip
@@ -714,7 +764,7 @@ def _metric(name: str, tgt_lang: str):
     return sacrebleu.metrics.CHRF()
 
 
-def bootstrap_scores(evaluation: dict, metric: str, seeds: dict) -> "np.ndarray":
+def bootstrap_scores(evaluation: dict, metric: str, seeds: dict):
     """Language-averaged corpus score on each bootstrap resample: ``[n_samples]``.
 
     Resampling is stratified by language (each language's sentences are drawn with replacement from that language
@@ -742,8 +792,13 @@ def resample_indices(evaluation: dict, n_samples: int = BOOTSTRAP_SAMPLES, seed:
     return {g: rng.integers(0, s["n"], size=(n_samples, s["n"])) for g, s in sorted(evaluation["per_group"].items())}
 
 
-def significance(results: dict, pairs: list[tuple[str, str]], split: str = "test",
-                 n_samples: int = BOOTSTRAP_SAMPLES, seed: int = 12345) -> dict:
+def significance(
+    results: dict,
+    pairs: list[tuple[str, str]],
+    split: str = "test",
+    n_samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = 12345,
+) -> dict:
     """95% bootstrap intervals per method and paired differences ``system - baseline`` (BLEU and chrF).
 
     ``p`` is the one-sided paired-bootstrap probability that the system is *not* better than the baseline: the
@@ -800,7 +855,9 @@ def targets(results: dict) -> list[dict]:
     def add(target, ok, measured):
         out.append({"target": target, "met": bool(ok), "measured": measured})
 
-    paired = {(r["system"], r["baseline"]): r for r in (results.get("significance") or {}).get("test", {}).get("paired", [])}
+    paired = {
+        (r["system"], r["baseline"]): r for r in (results.get("significance") or {}).get("test", {}).get("paired", [])
+    }
 
     def interval(base):
         r = paired.get((ns, base))
@@ -811,7 +868,11 @@ def targets(results: dict) -> list[dict]:
         lb = m["lora-r16"]["test"]["bleu"]
         add(f"{ns} avg BLEU >= LoRA r16 + 1.0", b >= lb + 1.0, f"{b:.2f} vs {lb:.2f} + 1.0" + interval("lora-r16"))
         lt, nt = m["lora-r16"]["train_seconds"], m[ns]["train_seconds"]
-        add(f"{ns} training wall-clock < LoRA r16", nt < lt, f"{nt:.0f} s vs {lt:.0f} s (selection +{results['select_seconds']:.0f} s not included)")
+        add(
+            f"{ns} training wall-clock < LoRA r16",
+            nt < lt,
+            f"{nt:.0f} s vs {lt:.0f} s (selection +{results['select_seconds']:.0f} s not included)",
+        )
     if "full" in m:
         fb = m["full"]["test"]["bleu"]
         add(f"{ns} avg BLEU >= full fine-tuning", b >= fb, f"{b:.2f} vs {fb:.2f}" + interval("full"))

@@ -461,9 +461,7 @@ class Linear(nn.Module, NeuronSelectLayer):
         for name in active:
             delta = self.neuron_select_delta[name]
             bias_delta = self.neuron_select_bias_delta[name] if name in self.neuron_select_bias_delta else None
-            out = AddRowDelta.apply(
-                out, x, delta, bias_delta, self._dense_rows(name), self._route_mask(name, x)
-            )
+            out = AddRowDelta.apply(out, x, delta, bias_delta, self._dense_rows(name), self._route_mask(name, x))
         return out
 
     def __repr__(self) -> str:

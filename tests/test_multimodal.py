@@ -480,7 +480,7 @@ def test_packed_patch_routing_matches_dense_reference(arch, dataset):
 
     pm.train()
     pm(**batch).loss.backward()
-    layers = {n[len("base_model.model."):]: m for n, m in pm.named_modules() if isinstance(m, neuron_peft.Linear)}
+    layers = {n[len("base_model.model.") :]: m for n, m in pm.named_modules() if isinstance(m, neuron_peft.Linear)}
     adapter_groups = pm.peft_config["default"].groups
     checked_specific = 0
     for name in names:

@@ -133,23 +133,35 @@ def test_bootstrap_matches_sacrebleu_on_hand_resamples(quality):
     import numpy as np
     import sacrebleu
 
-    hyps = {"en-fr": ["le chat est sur tapis", "il fait beau", "nous allons au marché", "une maison"],
-            "en-de": ["die Katze sitzt auf Matte", "heute schönes Wetter", "wir gehen Markt", "das Haus ist groß"]}
+    hyps = {
+        "en-fr": ["le chat est sur tapis", "il fait beau", "nous allons au marché", "une maison"],
+        "en-de": ["die Katze sitzt auf Matte", "heute schönes Wetter", "wir gehen Markt", "das Haus ist groß"],
+    }
     ev = _evaluation(hyps)
-    seeds = {"en-fr": np.array([[0, 1, 2, 3], [0, 0, 3, 3], [2, 2, 2, 1]]),
-             "en-de": np.array([[0, 1, 2, 3], [1, 1, 1, 1], [3, 0, 3, 0]])}
+    seeds = {
+        "en-fr": np.array([[0, 1, 2, 3], [0, 0, 3, 3], [2, 2, 2, 1]]),
+        "en-de": np.array([[0, 1, 2, 3], [1, 1, 1, 1], [3, 0, 3, 0]]),
+    }
     for metric, score in (("bleu", sacrebleu.corpus_bleu), ("chrf", sacrebleu.corpus_chrf)):
         got = quality.bootstrap_scores(ev, metric, seeds)
-        want = [np.mean([score([hyps[g][i] for i in seeds[g][b]], [[_REFS[g][i] for i in seeds[g][b]]]).score
-                         for g in hyps]) for b in range(3)]
+        want = [
+            np.mean(
+                [score([hyps[g][i] for i in seeds[g][b]], [[_REFS[g][i] for i in seeds[g][b]]]).score for g in hyps]
+            )
+            for b in range(3)
+        ]
         assert np.allclose(got, want), (metric, got, want)
 
 
 def test_paired_bootstrap_detects_a_real_gap_and_not_a_fake_one(quality):
     good = _evaluation({g: list(r) for g, r in _REFS.items()})  # perfect translations
     bad = _evaluation({g: ["x y z"] * 4 for g in _REFS})
-    results = {"methods": {n: {"test": {**e, "bleu": 0.0, "chrf": 0.0}} for n, e in
-                           (("good", good), ("bad", bad), ("same", _evaluation({g: list(r) for g, r in _REFS.items()})))}}
+    results = {
+        "methods": {
+            n: {"test": {**e, "bleu": 0.0, "chrf": 0.0}}
+            for n, e in (("good", good), ("bad", bad), ("same", _evaluation({g: list(r) for g, r in _REFS.items()})))
+        }
+    }
     sig = quality.significance(results, [("good", "bad"), ("good", "same"), ("bad", "good")], n_samples=200)
     rows = {(r["system"], r["baseline"]): r for r in sig["paired"]}
     assert rows["good", "bad"]["bleu"]["p"] == 0.0 and rows["good", "bad"]["bleu"]["ci"][0] > 90
@@ -194,8 +206,9 @@ def test_interleaved_step_timing_smoke():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     lines: list[str] = []
-    out = module.main(["--preset", "tiny", "--methods", "lora-r16,ns-0.4,ns-0.4-random", "--steps", "2"],
-                      log=lines.append)
+    out = module.main(
+        ["--preset", "tiny", "--methods", "lora-r16,ns-0.4,ns-0.4-random", "--steps", "2"], log=lines.append
+    )
     assert {m: len(t) for m, t in out["times"].items()} == {"lora-r16": 2, "ns-0.4": 2, "ns-0.4-random": 2}
     assert out["summary"]["lora-r16"]["ratio"] == 1.0 and all(_finite(s["ratio"]) for s in out["summary"].values())
     assert any(line.startswith("| ns-0.4 |") for line in lines)
