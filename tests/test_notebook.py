@@ -18,7 +18,10 @@ def _ensure_kernel(tmp_path: Path, monkeypatch) -> None:
 
     try:
         argv0 = KernelSpecManager().get_kernel_spec("python3").argv[0]
-        if argv0 in ("python", f"python{sys.version_info[0]}") or Path(argv0).resolve() == Path(sys.executable).resolve():
+        if (
+            argv0 in ("python", f"python{sys.version_info[0]}")
+            or Path(argv0).resolve() == Path(sys.executable).resolve()
+        ):
             return
     except NoSuchKernel:
         pass
