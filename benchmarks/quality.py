@@ -567,6 +567,8 @@ def parse_args(argv):
     for name in ("steps", "n_train", "n_dev", "n_test", "n_forget", "n_calib", "batch_size", "max_new_tokens",
                  "threads", "seed"):  # fmt: skip
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    for name in ("neuron_ratio", "specific_ratio"):
+        ap.add_argument("--" + name.replace("_", "-"), type=float, default=None, help="NeuronSelect selection")
     ap.add_argument("--model", default=None, help="'gemma3-270m' (default), a local HF folder, or 'tiny'")
     ap.add_argument("--device", default=None, help="auto | cpu | cuda")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
@@ -583,9 +585,9 @@ def parse_args(argv):
 
 def resolve_preset(args) -> Preset:
     p = PRESETS[args.preset]
-    over = {k: getattr(args, k) for k in ("steps", "n_train", "n_dev", "n_test", "n_forget", "n_calib", "batch_size",
-                                          "max_new_tokens", "threads", "seed", "model", "device", "dtype")
-            if getattr(args, k) is not None}  # fmt: skip
+    names = ("steps", "n_train", "n_dev", "n_test", "n_forget", "n_calib", "batch_size", "max_new_tokens", "threads",
+             "seed", "model", "device", "dtype", "neuron_ratio", "specific_ratio")  # fmt: skip
+    over = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.methods:
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         unknown = [m for m in methods if m not in METHODS]

@@ -214,3 +214,10 @@ def test_interleaved_step_timing_smoke():
     assert any(line.startswith("| ns-0.4 |") for line in lines)
     with pytest.raises(SystemExit):
         module.main(["--preset", "tiny", "--methods", "zero-shot,ns-0.4"], log=lines.append)
+
+
+def test_selection_ratios_from_the_command_line(quality):
+    plan = quality.main(["--preset", "cpu-large", "--model", "tiny", "--neuron-ratio", "0.1", "--specific-ratio", "0.2",
+                         "--methods", "ns-0.4,ns-0.4-random", "--dry-run"], log=lambda s: None)  # fmt: skip
+    assert plan["preset"]["neuron_ratio"] == 0.1 and plan["preset"]["specific_ratio"] == 0.2
+    assert plan["preset"]["methods"] == ("zero-shot", "ns-0.4", "ns-0.4-random")
