@@ -84,6 +84,7 @@ class RouteState:
             return
         from .multimodal import packed_patch_samples
 
+        self._ids = {}  # cached packed maps belong to the previous call
         self.packed = packed_patch_samples(
             getattr(module, "config", None), kwargs.get("input_ids"), kwargs.get("image_grid_thw"),
             kwargs.get("video_grid_thw"), n_samples=len(self.groups),
@@ -94,6 +95,16 @@ class RouteState:
         if key not in self._ids:
             index = {g: i for i, g in enumerate(self.adapter_groups.get(adapter) or [])}
             self._ids[key] = torch.tensor([index.get(g, -2) for g in self.groups], dtype=torch.long, device=device)
+        return self._ids[key]
+
+    def _packed_ids(self, adapter: str, device: torch.device, rows: int) -> Optional[torch.Tensor]:
+        """The group of each of ``rows`` packed patch rows, or None when no packing has that many rows (cached:
+        every vision layer of the call asks for the same map)."""
+        if rows not in self.packed:
+            return None
+        key = (adapter, device, rows)
+        if key not in self._ids:
+            self._ids[key] = self._sample_ids(adapter, device)[self.packed[rows].to(device)]
         return self._ids[key]
 
     def mask_for(self, layer, adapter: str, batch: int, ndim: Optional[int] = None) -> Optional[torch.Tensor]:
@@ -116,9 +127,9 @@ class RouteState:
             return (row_groups == -1).unsqueeze(0)
         ids = self._sample_ids(adapter, row_groups.device)
         if ids.shape[0] != batch:
-            packed = self.packed.get(batch) if ndim == 2 else None
+            packed = self._packed_ids(adapter, row_groups.device, batch) if ndim == 2 else None
             if packed is not None:
-                ids = ids[packed.to(ids.device)]  # the group of each packed patch row
+                ids = packed  # the group of each packed patch row
             elif len(set(self.groups)) == 1:
                 ids = ids[:1]  # one group for the whole batch: broadcast over whatever the layer's batch is
             else:
