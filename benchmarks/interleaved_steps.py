@@ -49,7 +49,9 @@ def main(argv=None, log: Callable[[str], None] = print) -> dict:
     p = replace(q.PRESETS[args.preset], n_dev=1, n_test=1, n_forget=1)
     if p.threads:
         torch.set_num_threads(p.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() and p.device in ("auto", "cuda") else "cpu")
+    device = q.resolve_device(p)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("CUDA is not available on this machine")
     data = q.build_data(p)
     base, tok = q.load_model(p, data, device)
     base.requires_grad_(False)
@@ -62,10 +64,7 @@ def main(argv=None, log: Callable[[str], None] = print) -> dict:
         model, routed = q.build_method(m, base, selections, p)
         model.train()
         opt = torch.optim.AdamW([x for x in model.parameters() if x.requires_grad], lr=args.lr)
-        gen = torch.Generator().manual_seed(p.seed)  # every method: the same batches in the same order
-        loader = torch.utils.data.DataLoader(features, batch_size=p.batch_size, shuffle=True, generator=gen,
-                                             collate_fn=q.TranslationCollator(tok, return_groups=routed))  # fmt: skip
-        runs[m] = (model, opt, iter(loader))
+        runs[m] = (model, opt, iter(q.train_batches(features, tok, p, routed)))
     times: dict[str, list[float]] = {m: [] for m in methods}
     for step in range(args.steps):
         for m, (model, opt, batches) in runs.items():

@@ -540,13 +540,26 @@ def trainable_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def train_batches(features, tok, p: Preset, routed: bool) -> torch.utils.data.DataLoader:
+    """The training batches: the same ones, in the same order, for every method (seeded shuffle)."""
+    collate = TranslationCollator(tok, return_groups=routed)
+    gen = torch.Generator().manual_seed(p.seed)
+    return torch.utils.data.DataLoader(features, batch_size=p.batch_size, shuffle=True, collate_fn=collate,
+                                       generator=gen)  # fmt: skip
+
+
+def resolve_device(p: Preset) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if p.device == "auto" else p.device)
+
+
+def run_label(p: Preset) -> str:
+    return p.scale_label or ("SMOKE-SCALE RESULT (not a real comparison)" if p.smoke else "full-scale comparison")
+
+
 def train_one(model, routed: bool, tok, features, p: Preset, lr: float, device) -> dict:
     from neuron_peft.training import answer_loss, train_loop
 
-    collate = TranslationCollator(tok, return_groups=routed)
-    gen = torch.Generator().manual_seed(p.seed)  # the same batches, in the same order, for every method
-    loader = torch.utils.data.DataLoader(features, batch_size=p.batch_size, shuffle=True, collate_fn=collate,
-                                         generator=gen)  # fmt: skip
+    loader = train_batches(features, tok, p, routed)
     model.train()
     with PeakMemory(device) as mem:
         start = time.perf_counter()
@@ -631,7 +644,7 @@ def rebuild_report(path: Path, log: Callable[[str], None]) -> dict:
     if ran != list(p.methods):
         log(f"partial results: {len(ran)} of {len(p.methods)} methods ran ({', '.join(ran)})")
         results.setdefault("total_seconds", float("nan"))
-    label = p.scale_label or ("SMOKE-SCALE RESULT (not a real comparison)" if p.smoke else "full-scale comparison")
+    label = run_label(p)
     md = finish_report(results, p, Path(path).parent, label, log)
     log(md)
     return results
@@ -644,7 +657,7 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
     p = resolve_preset(args)
     if p.threads:
         torch.set_num_threads(p.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if p.device == "auto" else p.device)
+    device = resolve_device(p)
     if device.type == "cuda" and not torch.cuda.is_available():
         log("CUDA is not available on this machine; nothing run (use --device cpu to force a CPU run).")
         return None
@@ -660,7 +673,7 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
         return {"exported": args.export_data, "counts": counts}
 
     runs_planned = sum(len(p.grids[METHODS[m][0]]) for m in p.methods if METHODS[m][0] != "none")
-    label = p.scale_label or ("SMOKE-SCALE RESULT (not a real comparison)" if p.smoke else "full-scale comparison")
+    label = run_label(p)
     log(f"# quality benchmark, preset {args.preset}: {label}")
     log(f"  {p.note}")
     log(f"  model {p.model} ({p.dtype}) on {device}; languages {p.langs}, forgetting probe {p.forget_langs}")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +16,16 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 import neuron_peft  # noqa: E402,F401  (registers the PEFT method)
 
 VOCAB = 96
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """A script from benchmarks/ (not a package) as a module named ``<name>_bench``."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_llama(seed=0, **kw):

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("quality_bench", QUALITY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("quality")
 
 
 @pytest.fixture(scope="module")
@@ -202,9 +194,7 @@ def test_report_rebuilds_from_partial_results(quality, run, tmp_path):
 
 
 def test_interleaved_step_timing_smoke():
-    spec = importlib.util.spec_from_file_location("interleaved_steps", QUALITY.with_name("interleaved_steps.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("interleaved_steps")
     lines: list[str] = []
     out = module.main(
         ["--preset", "tiny", "--methods", "lora-r16,ns-0.4,ns-0.4-random", "--steps", "2"], log=lines.append
