@@ -18,6 +18,14 @@ def _figure(**kwargs):
     return Figure(**kwargs)
 
 
+def _save(fig, path: Union[str, os.PathLike]) -> None:
+    """Write the PNG atomically, so a reader (or an interrupted run) never leaves a truncated image."""
+    from .fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+
+
 def plot_layer_heatmap(selection: NeuronSelection, path: Union[str, os.PathLike]) -> None:
     """Layers (rows) x groups (columns) heatmap of `layer_scores`; kept layers are starred."""
     scores = selection.layer_scores.float().numpy()
@@ -31,7 +39,7 @@ def plot_layer_heatmap(selection: NeuronSelection, path: Union[str, os.PathLike]
     label = "1 - activation similarity" if selection.layer_scoring == "activation_similarity" else "Taylor layer score"
     fig.colorbar(im, ax=ax, label=label)
     ax.set_title(f"layer importance (* = kept, {len(kept)}/{n_layers})")
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
 
 
 def plot_neuron_variance(selection: NeuronSelection, path: Union[str, os.PathLike]) -> None:
@@ -56,4 +64,4 @@ def plot_neuron_variance(selection: NeuronSelection, path: Union[str, os.PathLik
     ax.set_title("neuron variance per kept layer (dot = last language-specific row)")
     if len(selection.kept_layers) <= 12:
         ax.legend(fontsize=6)
-    fig.savefig(path, dpi=120)
+    _save(fig, path)

@@ -654,13 +654,20 @@ class NeuronSelection:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write ``neuron_selection.json`` (decision, metadata) and ``neuron_selection.safetensors`` (scores)."""
+        """Write ``neuron_selection.json`` (decision, metadata) and ``neuron_selection.safetensors`` (scores).
+
+        Each file is written atomically (temporary file in `path`, then ``os.replace``): an interrupted save leaves
+        the previous files intact, never a truncated one. Other files in `path` are left alone.
+        """
         from safetensors.torch import save_file
+
+        from .fileio import atomic_path, atomic_write_text
 
         os.makedirs(path, exist_ok=True)
         tensors = {"layer_scores": self.layer_scores.contiguous()}
         tensors.update({f"neuron_scores/{i}": self.neuron_scores[n].contiguous() for i, n in enumerate(self.layers)})
-        save_file(tensors, os.path.join(path, _TENSORS_NAME), metadata={"format": "neuron_peft.selection"})
+        with atomic_path(os.path.join(path, _TENSORS_NAME)) as tmp:
+            save_file(tensors, tmp, metadata={"format": "neuron_peft.selection"})
         meta = {
             "format_version": _FORMAT_VERSION,
             "groups": self.groups,
@@ -677,8 +684,7 @@ class NeuronSelection:
             "neurons": self.neurons,
             "language_neurons": self.language_neurons,
         }
-        with open(os.path.join(path, _JSON_NAME), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
+        atomic_write_text(os.path.join(path, _JSON_NAME), json.dumps(meta, indent=1))
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> NeuronSelection:
