@@ -9,13 +9,65 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from .fileio import atomic_write_json, atomic_write_text, check_output_dir, check_output_file
+from .fileio import write_into as _write_into
+
 DEFAULT_LANGS = "fr,de,hi,tr"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``neuron-peft train: error: argument --steps: ...`` and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _ArgError(ValueError):
+    """A command-line value that parses but cannot work (checked before any model is loaded)."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"argument {flag}: {message}")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            what = "a positive integer" if low == 1 else f"an integer >= {low}"
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    parse.__name__ = "positive int" if low == 1 else f"int >= {low}"
+    return parse
+
+
+def _float_in(low: float, high: float, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low < value if low_open else low <= value) or not value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {'(' if low_open else '['}{low}, {high}], got {value}")
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
+_positive = _int_at_least(1)
+_non_negative = _int_at_least(0)
+_ratio = _float_in(0.0, 1.0, low_open=True)
+_fraction = _float_in(0.0, 1.0)
+_learning_rate = _float_in(0.0, float("inf"), low_open=True)
 
 
 # ---------------------------------------------------------------------------------------------------- shared pieces
@@ -25,7 +77,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="base model dtype")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -35,8 +87,13 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", default=None, help="held-out corpus for evaluation/few-shot with --data")
     p.add_argument("--src", default="en", help="source language (Bible data)")
     p.add_argument("--langs", default=DEFAULT_LANGS, help="comma-separated target languages (Bible data)")
-    p.add_argument("--max-chars", type=int, default=160, help="skip verse pairs longer than this (Bible data)")
-    p.add_argument("--max-length", type=int, default=128, help="max tokens per training/calibration example")
+    p.add_argument("--max-chars", type=_positive, default=160, help="skip verse pairs longer than this (Bible data)")
+    p.add_argument("--max-length", type=_positive, default=128, help="max tokens per training/calibration example")
+
+
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="write into an existing non-empty output folder (or over "
+                   "an existing file), replacing only the files this command writes; nothing else is deleted")  # fmt: skip
 
 
 def _device(name: str):
@@ -84,28 +141,80 @@ def _examples(args, split: str, per_lang: int | None):
     return bible_pairs(args.src, langs, split=split, max_per_lang=per_lang, max_chars=args.max_chars, seed=args.seed)
 
 
-def _write_json(path: Path, data) -> None:
-    """Atomic write: a reader never sees a half-written report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _atomic_dir(out: Path, write) -> Path:
-    """Run `write(tmp_dir)` and move the result to `out` only when it succeeded (never a half-written folder)."""
+def _publish(out, write) -> Path:
+    """Write a command's files into `out` through a staging folder: only those files are replaced (atomically each),
+    anything else already in `out` is kept and listed. `out` was checked by `_check_args` before any work."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _, kept = _write_into(out, write)
+    if kept:
+        names = ", ".join(str(p.relative_to(out)) for p in kept[:3]) + (", ..." if len(kept) > 3 else "")
+        print(f"(kept {len(kept)} file(s) in {out} that this command did not write: {names})")
     return out
+
+
+# ------------------------------------------------------------------------------------------- argument validation
+def _model_input(name: str):
+    """The path a --model value reads: the conversion cache for the embedded model, else the given path."""
+    from .resources import MODEL_ALIASES, cached_model_dir
+
+    return cached_model_dir() if name in MODEL_ALIASES else name
+
+
+def _check_device(name: str) -> None:
+    if name == "auto":
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise _ArgError("--device", f"{name!r} is not a device ({err})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise _ArgError("--device", f"{name!r} needs a CUDA GPU, but torch.cuda.is_available() is False "
+                            "(use --device cpu or auto)")  # fmt: skip
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise _ArgError("--device", f"{name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise _ArgError("--device", f"{name!r} needs Apple MPS, which is not available here")
+
+
+def _check_langs(args) -> None:
+    """Bible languages must be ones the corpus has (checked before loading a model, naming the option)."""
+    from .data import BIBLE_VERSIONS
+
+    known = sorted(BIBLE_VERSIONS)
+    if args.src not in BIBLE_VERSIONS:
+        raise _ArgError("--src", f"no Bible version for language {args.src!r}; known: {', '.join(known)}")
+    langs = [lang.strip() for lang in args.langs.split(",") if lang.strip()]
+    if not langs:
+        raise _ArgError("--langs", "no language given")
+    unknown = [lang for lang in langs if lang not in BIBLE_VERSIONS]
+    if unknown:
+        raise _ArgError("--langs", f"no Bible version for {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+    if args.src in langs:
+        raise _ArgError("--langs", f"{args.src!r} is also the source language (--src)")
+    if len(set(langs)) != len(langs):
+        raise _ArgError("--langs", f"a language is listed twice: {args.langs!r}")
+
+
+def _check_args(args) -> None:
+    """Everything that can be checked without loading a model: devices, languages, output paths vs inputs."""
+    _check_device(args.device)
+    if hasattr(args, "langs") and not args.data:
+        _check_langs(args)
+    inputs = [("--model", _model_input(args.model) if args.model else None)]
+    inputs += [(flag, getattr(args, attr, None)) for flag, attr in
+               (("--data", "data"), ("--eval-data", "eval_data"), ("--adapter", "adapter"), ("--selection", "selection"))]  # fmt: skip
+    for flag, path in inputs[1:]:
+        if path is not None and not os.path.exists(path):
+            raise _ArgError(flag, f"{path} does not exist")
+    overwrite = getattr(args, "overwrite", False)
+    if args.command == "evaluate":
+        if args.json:
+            check_output_file(args.json, inputs=inputs, overwrite=overwrite, flag="--json")
+    elif args.command != "push" and args.out:
+        check_output_dir(args.out, inputs=inputs, overwrite=overwrite, flag="--out")
 
 
 # ---------------------------------------------------------------------------------------------------------- select
@@ -126,15 +235,18 @@ def run_select(args, model=None, tokenizer=None):
         neuron_ratio=args.neuron_ratio, specific_ratio=args.specific_ratio, progress=True,
     )  # fmt: skip
     seconds = time.perf_counter() - start
-    out = Path(args.out)
-    selection.save(out)
     plots = []
-    try:
-        selection.plot_layers(out / "layers.png")
-        selection.plot_neurons(out / "neurons.png")
-        plots = ["layers.png", "neurons.png"]
-    except ImportError as err:
-        print(f"(plots skipped: {err})")
+
+    def write(stage: Path) -> None:
+        selection.save(stage)
+        try:
+            selection.plot_layers(stage / "layers.png")
+            selection.plot_neurons(stage / "neurons.png")
+            plots.extend(["layers.png", "neurons.png"])
+        except ImportError as err:
+            print(f"(plots skipped: {err})")
+
+    out = _publish(args.out, write)
     print(selection.summary())
     print(f"selection written to {out} ({seconds:.1f} s scoring)")
     return selection, {"seconds": seconds, "plots": plots, "groups": list(calibration)}
@@ -188,7 +300,7 @@ def run_train(args, model=None, tokenizer=None, selection=None):
                         loss_fn=answer_loss if decoder_only else None)  # fmt: skip
     seconds = time.perf_counter() - start
     if args.out:
-        _atomic_dir(Path(args.out), peft_model.save_pretrained)
+        _publish(args.out, peft_model.save_pretrained)
         print(f"adapter written to {args.out}")
     return peft_model, {"seconds": seconds, "losses": losses, "train_examples": len(features)}
 
@@ -221,7 +333,7 @@ def run_evaluate(args, model=None, tokenizer=None, label: str = "model"):
     print(f"  {'average':8s} BLEU {avg_bleu:6.2f}   chrF {avg_chrf:6.2f}")
     report = {"per_group": results, "bleu": avg_bleu, "chrf": avg_chrf, "seconds": seconds}
     if getattr(args, "json", None):
-        _write_json(Path(args.json), report)
+        atomic_write_json(args.json, report)
     return report
 
 
@@ -234,7 +346,7 @@ def run_merge(args):
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    _atomic_dir(Path(args.out), write)
+    _publish(args.out, write)
     print(f"merged model written to {args.out}")
 
 
@@ -285,7 +397,7 @@ def run_demo(args):
         "seconds_load": load_s, "selection": {**sel_info, **summary}, "train": train_info,
         "before": before, "after": after, "torch_threads": torch.get_num_threads(),
     }  # fmt: skip
-    _write_json(out / "report.json", report)
+    atomic_write_json(out / "report.json", report)
     lines = [
         "# neuron-peft demo report", "",
         f"Model `{args.model}`, English → {args.langs}, {train_info['train_examples']} training pairs, "
@@ -304,7 +416,7 @@ def run_demo(args):
               f"scoring {sel_info['seconds']:.0f} s).", "",
               f"Training loss: first {train_info['losses'][0]:.3f}, last {train_info['losses'][-1]:.3f}.", "",
               "Plots: `selection/layers.png`, `selection/neurons.png`. Adapter: `adapter/`."]  # fmt: skip
-    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     print("\n" + "\n".join(lines))
     print(f"\nwrote {out}/report.md, {out}/report.json, {out}/adapter/, {out}/selection/")
     return report
@@ -312,55 +424,59 @@ def run_demo(args):
 
 # ------------------------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neuron-peft", description="Neuron-level selective fine-tuning (PEFT).")
+    parser = _Parser(prog="neuron-peft", description="Neuron-level selective fine-tuning (PEFT).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def selection_args(p):
         p.add_argument("--target-modules", default="all-linear", help="'all-linear', comma list, or a regex")
         p.add_argument("--layer-ratio", default="0.4", help="fraction of layers kept, or JSON per part")
-        p.add_argument("--neuron-ratio", type=float, default=1.0, help="fraction of rows trained in kept layers")
-        p.add_argument("--specific-ratio", type=float, default=0.1, help="share of language-specific rows (1:9)")
-        p.add_argument("--n-calib", type=int, default=16, help="calibration examples per language")
+        p.add_argument("--neuron-ratio", type=_ratio, default=1.0, help="fraction of rows trained in kept layers")
+        p.add_argument("--specific-ratio", type=_fraction, default=0.1, help="share of language-specific rows (1:9)")
+        p.add_argument("--n-calib", type=_positive, default=16, help="calibration examples per language")
 
     def train_args(p):
-        p.add_argument("--steps", type=int, default=200)
-        p.add_argument("--batch-size", type=int, default=8)
-        p.add_argument("--grad-accum", type=int, default=1)
-        p.add_argument("--lr", type=float, default=1e-4)
-        p.add_argument("--warmup-ratio", type=float, default=0.1)
-        p.add_argument("--n-train", type=int, default=None, help="training pairs per language (default: all)")
+        p.add_argument("--steps", type=_positive, default=200)
+        p.add_argument("--batch-size", type=_positive, default=8)
+        p.add_argument("--grad-accum", type=_positive, default=1)
+        p.add_argument("--lr", type=_learning_rate, default=1e-4)
+        p.add_argument("--warmup-ratio", type=_fraction, default=0.1)
+        p.add_argument("--n-train", type=_positive, default=None, help="training pairs per language (default: all)")
         p.add_argument("--no-routing", action="store_true", help="train language rows from every sample")
         p.add_argument("--gradient-checkpointing", action="store_true")
 
     def eval_args(p):
         p.add_argument("--split", default="test", choices=["train", "dev", "test"])
-        p.add_argument("--n-eval", type=int, default=50, help="test sentences per language")
-        p.add_argument("--shots", type=int, default=0, help="few-shot examples from the dev split")
-        p.add_argument("--max-new-tokens", type=int, default=96)
-        p.add_argument("--eval-batch-size", type=int, default=8)
+        p.add_argument("--n-eval", type=_positive, default=50, help="test sentences per language")
+        p.add_argument("--shots", type=_non_negative, default=0, help="few-shot examples from the dev split")
+        p.add_argument("--max-new-tokens", type=_positive, default=96)
+        p.add_argument("--eval-batch-size", type=_positive, default=8)
 
     p = sub.add_parser("select", help="score neurons on calibration data and save a NeuronSelection")
     _add_model_args(p), _add_data_args(p), selection_args(p)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=_positive, default=4)
     p.add_argument("--out", default="neuron_peft_out/selection")
+    _add_overwrite(p)
 
     p = sub.add_parser("train", help="fine-tune selected neurons (with language routing) and save the adapter")
     _add_model_args(p), _add_data_args(p), train_args(p)
     p.add_argument("--selection", default=None, help="folder written by `neuron-peft select`")
     p.add_argument("--target-modules", default="all-linear")
-    p.add_argument("--neuron-ratio", type=float, default=0.1, help="without --selection: rows per layer")
+    p.add_argument("--neuron-ratio", type=_ratio, default=0.1, help="without --selection: rows per layer")
     p.add_argument("--neuron-init", default="magnitude", choices=["magnitude", "random"])
     p.add_argument("--out", default="neuron_peft_out/adapter")
+    _add_overwrite(p)
 
     p = sub.add_parser("evaluate", help="BLEU and chrF (sacrebleu) per language")
     _add_model_args(p), _add_data_args(p), eval_args(p)
     p.add_argument("--adapter", default=None, help="adapter folder (default: the base model alone)")
     p.add_argument("--json", default=None, help="write the scores here")
+    _add_overwrite(p)
 
     p = sub.add_parser("merge", help="merge an adapter into the base model and save the result")
     _add_model_args(p)
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
+    _add_overwrite(p)
 
     p = sub.add_parser("push", help="push an adapter to the Hugging Face Hub (PEFT's push_to_hub)")
     _add_model_args(p)
@@ -380,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
         max_new_tokens=40, neuron_ratio=0.5, threads=None,
     )  # fmt: skip
     p.add_argument("--out", default="neuron_peft_out")
+    _add_overwrite(p)
     return parser
 
 
@@ -388,6 +505,7 @@ def main(argv=None) -> int:
     commands = {"select": run_select, "train": run_train, "evaluate": run_evaluate, "merge": run_merge,
                 "push": run_push, "demo": run_demo}  # fmt: skip
     try:
+        _check_args(args)  # before any model is loaded: a bad value costs nothing and names its option
         commands[args.command](args)
     except (FileNotFoundError, ImportError, ValueError) as err:
         print(f"neuron-peft {args.command}: error: {err}", file=sys.stderr)

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from neuron_peft import fileio
 from neuron_peft.fileio import OutputPathError
@@ -143,3 +144,169 @@ def test_write_into_replaces_only_written_files(tmp_path):
 
 def tree_digest_of(files: dict[str, bytes]) -> dict[str, str]:
     return {k: hashlib.sha256(v).hexdigest() for k, v in sorted(files.items())}
+
+
+# --------------------------------------------------------------------------------------------------------- the CLI
+WORDS = "Translate the text from English into French German . : hello world bonjour le monde hallo welt".split()
+
+
+def write_tiny_model(folder: Path) -> None:
+    """A 2-layer Llama and a word-level tokenizer saved as an ordinary local HF folder (built offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *WORDS])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+def write_tiny_corpus(path: Path) -> None:
+    rows = [
+        {"src": "hello world", "tgt": "bonjour le monde", "group": "en-fr"},
+        {"src": "hello", "tgt": "hallo welt", "group": "en-de"},
+    ] * 4
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """model/ (tiny Llama), corpus.jsonl and adapter/ (trained by the CLI once for the module)."""
+    from neuron_peft import cli
+
+    root = tmp_path_factory.mktemp("cli")
+    write_tiny_model(root / "model")
+    write_tiny_corpus(root / "corpus.jsonl")
+    assert cli.main(TRAIN + ["--model", str(root / "model"), "--data", str(root / "corpus.jsonl"),
+                             "--out", str(root / "adapter")]) == 0  # fmt: skip
+    return root
+
+
+TRAIN = ["train", "--steps", "2", "--batch-size", "4", "--threads", "1"]
+
+
+def run_cli(argv) -> int:
+    """Exit status of ``neuron-peft argv`` run in this process (argparse errors exit through SystemExit)."""
+    from neuron_peft import cli
+
+    try:
+        return cli.main([str(a) for a in argv])
+    except SystemExit as exit_:
+        return exit_.code
+
+
+def one_error_line(capsys, *needles) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_cli_merge_never_destroys_its_inputs(workspace, capsys):
+    """Before: `merge --out <adapter>` replaced the adapter folder by the merged model (and --out . emptied cwd)."""
+    before = tree_digest(workspace)
+    (workspace / "afile").write_text("x")
+    model, adapter = workspace / "model", workspace / "adapter"
+    merge = ["merge", "--model", model, "--adapter", adapter, "--threads", "1"]
+    for out, why in [
+        (adapter, "same path as the input --adapter"),
+        (model, "same path as the input --model"),
+        (adapter / "merged", "sits inside the input --adapter"),
+        (workspace, "contains the input --model"),
+        (workspace / "afile", "is an existing file"),
+    ]:
+        assert run_cli(merge + ["--out", out, "--overwrite"]) == 2
+        one_error_line(capsys, "neuron-peft merge: error: --out", why)
+    (workspace / "afile").unlink()
+    assert tree_digest(workspace) == before
+
+
+def test_cli_out_refuses_non_empty_folder_and_overwrite_replaces_only_its_files(
+    workspace, tmp_path, capsys, monkeypatch
+):
+    """Before: an existing --out was deleted wholesale (rmtree), with every file the user kept there."""
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    (out / "adapter_config.json").write_text("{}")
+    data = ["--model", workspace / "model", "--data", workspace / "corpus.jsonl"]
+    before = tree_digest(out)
+    assert run_cli(TRAIN + data + ["--out", out]) == 2
+    one_error_line(capsys, "--out", "exists and is not empty", "--overwrite")
+    assert tree_digest(out) == before
+
+    assert run_cli(TRAIN + data + ["--out", out, "--overwrite"]) == 0
+    after = tree_digest(out)
+    assert after["notes.txt"] == before["notes.txt"]  # kept, byte for byte
+    assert after["adapter_config.json"] != before["adapter_config.json"]  # the command's own file, replaced
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "notes.txt"} == set(after)
+
+    monkeypatch.chdir(tmp_path)  # `--out .` in a folder with files: refused, nothing deleted
+    everything = tree_digest(tmp_path)
+    assert run_cli(TRAIN + data + ["--out", "."]) == 2
+    one_error_line(capsys, "--out . exists and is not empty")
+    assert tree_digest(tmp_path) == everything
+
+
+def test_cli_select_evaluate_demo_follow_the_same_rule(workspace, tmp_path, capsys):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("keep")
+    model, corpus = workspace / "model", workspace / "corpus.jsonl"
+    before = {**tree_digest(workspace), **{f"busy/{k}": v for k, v in tree_digest(busy).items()}}
+    assert run_cli(["select", "--model", model, "--data", corpus, "--out", busy]) == 2
+    one_error_line(capsys, "neuron-peft select: error: --out", "not empty")
+    assert run_cli(["select", "--model", model, "--data", corpus, "--out", model / "sel", "--overwrite"]) == 2
+    one_error_line(capsys, "sits inside the input --model")
+    assert run_cli(["demo", "--model", model, "--out", busy]) == 2
+    one_error_line(capsys, "neuron-peft demo: error: --out", "not empty")
+    evaluate = ["evaluate", "--model", model, "--data", corpus, "--eval-data", corpus]
+    assert run_cli(evaluate + ["--json", corpus, "--overwrite"]) == 2  # before: the scores replaced the corpus
+    one_error_line(capsys, "--json", "same path as the input --data")
+    assert run_cli(evaluate + ["--json", busy / "keep.txt"]) == 2
+    one_error_line(capsys, "--json", "already exists")
+    assert run_cli(evaluate + ["--adapter", workspace / "adapter", "--json", workspace / "adapter" / "s.json"]) == 2
+    one_error_line(capsys, "sits inside the input --adapter")
+    assert {**tree_digest(workspace), **{f"busy/{k}": v for k, v in tree_digest(busy).items()}} == before
+
+    sel = tmp_path / "sel"  # a fresh folder works, and only the selection's files are written
+    assert run_cli(["select", "--model", model, "--data", corpus, "--out", sel, "--n-calib", "2", "--batch-size", "2",
+                    "--threads", "1"]) == 0  # fmt: skip
+    assert {"neuron_selection.json", "neuron_selection.safetensors"} <= set(os.listdir(sel))
+    assert not [n for n in os.listdir(sel) if n.startswith(".")]  # no staging folder left
+
+
+@pytest.mark.parametrize(
+    "extra, flag",
+    [
+        (["--grad-accum", "0"], "--grad-accum"),  # before: ZeroDivisionError traceback
+        (["--steps", "0"], "--steps"),  # before: an untrained adapter written, exit 0
+        (["--threads", "-1"], "--threads"),  # before: RuntimeError traceback from torch
+        (["--device", "cuda"], "--device"),  # before: AssertionError traceback (no CUDA)
+        (["--langs", "fr,xx"], "--langs"),  # before: error after loading the model, not naming the option
+        (["--src", "qq"], "--src"),
+    ],
+)
+def test_cli_bad_values_get_one_line_and_exit_2(workspace, tmp_path, capsys, extra, flag):
+    if flag == "--device" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    data = [] if flag in ("--langs", "--src") else ["--data", workspace / "corpus.jsonl"]
+    out = tmp_path / "out"
+    assert run_cli(TRAIN + ["--model", workspace / "model", *data, "--out", out, *extra]) == 2
+    line = one_error_line(capsys, "neuron-peft train: error: argument " + flag)
+    assert len(line) < 300
+    assert not out.exists()  # nothing written, no model loaded
