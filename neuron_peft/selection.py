@@ -48,6 +48,10 @@ PARTS = ("vision", "projector", "language")
 _PROJECTOR_KEYS = ("multi_modal_projector", "mm_projector", "merger", "connector", "qformer", "language_projection")
 _VISION_KEYS = ("vision_tower", "vision_model", "visual")
 LAYER_SCORINGS = ("taylor", "activation_similarity")
+SCORE_NORMALIZATIONS = ("none", "module_type_z", "module_type_rank")
+ROW_SELECTIONS = ("layers", "per_layer", "global")
+TOKEN_REDUCTIONS = ("mean", "sum")
+GROUP_NORMALIZATIONS = ("mean", "none")
 _JSON_NAME = "neuron_selection.json"
 _TENSORS_NAME = "neuron_selection.safetensors"
 _FORMAT_VERSION = 1
@@ -73,6 +77,71 @@ def _linear_out(module: nn.Module) -> Optional[int]:
     if isinstance(module, nn.Linear):
         return int(module.out_features)
     return None
+
+
+def _linear_in(module: nn.Module) -> Optional[int]:
+    """Input features of a Linear-like module (the weights one output row holds), else None."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return int(getattr(module.weight, "ds_shape", module.weight.shape)[0])
+    if isinstance(module, nn.Linear):
+        return int(module.in_features)
+    return None
+
+
+def module_type(name: str, part: Optional[str] = None) -> str:
+    """The module type a layer is normalised within: its part and last name component ("language:q_proj").
+
+    Scores of different projection types live on different scales (see `select_neurons`, ``score_normalization``);
+    layers of one type in different blocks are what a scale-free ranking compares."""
+    return f"{part or model_part(name)}:{name.rsplit('.', 1)[-1]}"
+
+
+def _normalize_within(values: torch.Tensor, keys: list, how: str) -> torch.Tensor:
+    """`values` (N,) normalised within each key's members: z-score or rank percentile (ties share their mean rank).
+
+    z: (x - mean) / population std of the key's members (0 where the std is 0, e.g. a single member).
+    rank: 0 for the lowest member, 1 for the highest, evenly spaced (a single member gets 0.5)."""
+    if how == "none":
+        return values.clone()
+    values = values.to(torch.float64)
+    out = torch.zeros_like(values)
+    index: dict = {}
+    for i, k in enumerate(keys):
+        index.setdefault(k, []).append(i)
+    for members in index.values():
+        idx = torch.tensor(members)
+        x = values[idx]
+        if how == "module_type_z":
+            std = x.std(unbiased=False)
+            out[idx] = (x - x.mean()) / std if std > 0 else torch.zeros_like(x)
+        elif how == "module_type_rank":
+            n = x.numel()
+            if n == 1:
+                out[idx] = 0.5
+                continue
+            order = torch.argsort(x, stable=True)
+            ranks = torch.empty(n, dtype=torch.float64)
+            ranks[order] = torch.arange(n, dtype=torch.float64)
+            # ties: every member of a run of equal values gets the run's mean rank
+            uniq, inverse = torch.unique(x, return_inverse=True)
+            if uniq.numel() < n:
+                sums = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inverse, ranks)
+                counts = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(
+                    0, inverse, torch.ones(n, dtype=torch.float64)
+                )
+                ranks = (sums / counts)[inverse]
+            out[idx] = ranks / (n - 1)
+        else:
+            raise ValueError(f"score_normalization must be one of {SCORE_NORMALIZATIONS}, got {how!r}")
+    return out
+
+
+def _check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
 
 
 def resolve_target_modules(model: nn.Module, target_modules: Union[list[str], str, None]) -> list[str]:
@@ -410,6 +479,12 @@ def select_neurons(
     layer_scoring: str = "taylor",
     reference_model: Optional[nn.Module] = None,
     progress: bool = True,
+    *,
+    score_normalization: str = "none",
+    row_selection: str = "layers",
+    weight_ratio: Optional[float] = None,
+    token_reduction: str = "mean",
+    group_normalization: str = "mean",
 ) -> NeuronSelection:
     """Score neurons on calibration data and choose layers, agnostic rows and language-specific rows.
 
@@ -425,7 +500,45 @@ def select_neurons(
         layer_scoring: ``"taylor"`` (MNAFT) or ``"activation_similarity"`` (NeuMT; needs ``reference_model``,
             a fine-tuned copy with the same module names; it runs forward only).
         progress: show a tqdm bar.
+
+    Ranking options (keyword-only; the defaults reproduce the MNAFT-style selection above). They exist because
+    raw Taylor scores are not comparable across module types: mean ``|a * dL/da|`` depends on a projection's shape
+    and on where it writes (on Gemma 3 270M k/v/o/down_proj means are 2-4x those of q/gate/up_proj), so a ranking
+    of raw layer means keeps the same few types and never q_proj / gate_proj / up_proj. The protocol in
+    ``benchmarks/selection_value.py`` compares them; choose by its dev results.
+
+        score_normalization: ``"none"`` ranks raw scores. ``"module_type_z"`` z-scores them within each module
+            type (part + name suffix, e.g. every ``q_proj``), ``"module_type_rank"`` replaces them by their rank
+            percentile within the type (0 lowest, 1 highest; robust to the heavy tail of Taylor scores). Used for
+            the layer ranking (``row_selection="layers"``) and the row ranking (``"global"``); the rows picked
+            inside one layer never change, since both maps keep the order within a type.
+        row_selection: ``"layers"`` keeps the top ``layer_ratio`` layers per part, then the top ``neuron_ratio``
+            rows of each kept layer (MNAFT). ``"per_layer"`` skips the layer step: the top rows of *every*
+            targeted layer, the same share of each layer's rows (random rows spread like this were the strongest
+            sparse baseline, so this asks whether Taylor picks better rows than chance at the same spread).
+            ``"global"`` ranks every row of a part together by its (normalised) score and takes rows until the
+            weight budget is spent, so a layer gets as many rows as its scores earn; no separate layer step.
+        weight_ratio: budget of ``"per_layer"`` / ``"global"`` as a share of the targeted layers' weights (rows x
+            inputs), in (0, 1]; default ``layer_ratio * neuron_ratio`` of each part. Lets a benchmark match the
+            trainable parameters of another selection exactly (see `NeuronSelection.trained_weights`).
+        token_reduction: ``"mean"`` (default) divides each group's summed ``|a * dL/da|`` by its counted tokens,
+            ``"sum"`` keeps the sum. With the default group normalisation the two rank identically for text
+            layers (every text layer sees the same tokens, and the group normalisation divides out any per-group
+            factor); they differ when parts count different positions (vision patches vs text tokens) or with
+            ``group_normalization="none"``, where a sum lets the group with more tokens dominate.
+        group_normalization: ``"mean"`` (default) divides each group's scores by that group's mean over all
+            targeted neurons before the importance mean and the variance split, so a language with a larger loss
+            (or more tokens) does not own every specific row; ``"none"`` uses raw scores.
     """
+    _check_choice("score_normalization", score_normalization, SCORE_NORMALIZATIONS)
+    _check_choice("row_selection", row_selection, ROW_SELECTIONS)
+    _check_choice("token_reduction", token_reduction, TOKEN_REDUCTIONS)
+    _check_choice("group_normalization", group_normalization, GROUP_NORMALIZATIONS)
+    if weight_ratio is not None:
+        weight_ratio = _check_ratio("weight_ratio", weight_ratio)
+        if row_selection == "layers":
+            raise ValueError("weight_ratio sets the budget of row_selection 'per_layer' or 'global'; 'layers' uses "
+                             "layer_ratio and neuron_ratio")  # fmt: skip
     if layer_scoring not in LAYER_SCORINGS:
         raise ValueError(f"layer_scoring must be one of {LAYER_SCORINGS}, got {layer_scoring!r}")
     if layer_scoring == "activation_similarity" and reference_model is None:
@@ -471,8 +584,11 @@ def select_neurons(
                 f"calibration group {group!r} has no loss tokens: every label is -100 after the causal shift"
             )
 
-    counts = scorer.counts.clamp_min(1.0).to(torch.float32)
-    neuron_scores = {n: scorer.taylor[i] / counts[i].unsqueeze(1) for i, n in enumerate(names)}
+    if token_reduction == "sum":
+        neuron_scores = {n: scorer.taylor[i].clone() for i, n in enumerate(names)}
+    else:
+        counts = scorer.counts.clamp_min(1.0).to(torch.float32)
+        neuron_scores = {n: scorer.taylor[i] / counts[i].unsqueeze(1) for i, n in enumerate(names)}
     if layer_scoring == "activation_similarity":
         similarity = (scorer.cos_sum / scorer.counts.clamp_min(1.0)).to(torch.float32)
         layer_scores = 1.0 - similarity
@@ -491,6 +607,12 @@ def select_neurons(
         neuron_ratio=neuron_ratio,
         specific_ratio=specific_ratio,
         loss_tokens=dict(zip([g for g, _ in groups], scorer.loss_tokens)),
+        in_features=[int(_linear_in(m)) for m in scorer.modules],
+        score_normalization=score_normalization,
+        row_selection=row_selection,
+        weight_ratio=weight_ratio,
+        token_reduction=token_reduction,
+        group_normalization=group_normalization,
     )
     selection.decide()
     return selection
@@ -536,8 +658,11 @@ def _taylor_layer_scores(neuron_scores: dict[str, torch.Tensor], names: list[str
 class NeuronSelection:
     """Scores (per group, per layer and neuron) and the decision (kept layers, agnostic and specific rows).
 
-    ``neuron_scores[layer]`` is (groups, out_features) fp32: mean |a * dL/da| per counted token.
-    ``layer_scores`` is (layers, groups): higher = more important (see the module docstring for each method).
+    ``neuron_scores[layer]`` is (groups, out_features) fp32: mean |a * dL/da| per counted token (the sum with
+    ``token_reduction="sum"``). ``layer_scores`` is (layers, groups): higher = more important (see the module
+    docstring for each method). The ranking options (``score_normalization``, ``row_selection``, ``weight_ratio``,
+    ``group_normalization``) are documented in `select_neurons`; change them and call `decide` to re-select from
+    the same scores.
     """
 
     groups: list[str]
@@ -555,10 +680,19 @@ class NeuronSelection:
     kept_layers: list[str] = field(default_factory=list)
     neurons: dict[str, list[int]] = field(default_factory=dict)
     language_neurons: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    in_features: list[int] = field(default_factory=list)
+    score_normalization: str = "none"
+    row_selection: str = "layers"
+    weight_ratio: Optional[float] = None
+    token_reduction: str = "mean"
+    group_normalization: str = "mean"
 
     # ------------------------------------------------------------------ decision
     def normalised_scores(self) -> dict[str, torch.Tensor]:
-        """Each group's neuron scores divided by its mean over all targeted neurons (groups become comparable)."""
+        """Each group's neuron scores divided by its mean over all targeted neurons (groups become comparable);
+        with ``group_normalization="none"`` the raw scores (a group with larger gradients then weighs more)."""
+        if self.group_normalization == "none":
+            return {k: s.clone() for k, s in self.neuron_scores.items()}
         total = sum(s.sum(dim=1) for s in self.neuron_scores.values())
         n = sum(s.shape[1] for s in self.neuron_scores.values())
         mean = total / n
@@ -575,22 +709,90 @@ class NeuronSelection:
         """(layers,) ranking score: the mean over groups of `layer_scores`."""
         return self.layer_scores.mean(dim=1)
 
-    def decide(self) -> None:
-        """(Re)compute kept layers and rows from the stored scores and ratios; deterministic (stable ties)."""
-        importance = self.layer_importance().tolist()
-        kept = set()
-        for part, ratio in self.layer_ratio.items():
+    def module_types(self) -> list[str]:
+        """Per targeted layer, the type its scores are normalised within (`module_type`)."""
+        return [module_type(n, p) for n, p in zip(self.layers, self.parts)]
+
+    def layer_ranking(self) -> torch.Tensor:
+        """(layers,) the score layers are ranked by: `layer_importance`, normalised within module type when
+        ``score_normalization`` asks for it (otherwise the raw importance)."""
+        return _normalize_within(self.layer_importance(), self.module_types(), self.score_normalization)
+
+    def _budget_fraction(self, part: str) -> float:
+        """Share of a part's targeted weights that `per_layer` / `global` selection trains."""
+        if self.weight_ratio is not None:
+            return float(self.weight_ratio)
+        return float(self.layer_ratio[part]) * float(self.neuron_ratio)
+
+    def _need_in_features(self) -> None:
+        if len(self.in_features) != len(self.layers):
+            raise ValueError(
+                "this selection has no in_features (written by an older version?); row_selection "
+                f"{self.row_selection!r} and trained_weights() need the input size of every targeted layer"
+            )
+
+    def trained_weights(self) -> int:
+        """Weight entries the selection trains: every chosen row (agnostic or specific) times its layer's inputs."""
+        self._need_in_features()
+        size = dict(zip(self.layers, self.in_features))
+        rows = sum(len(r) * size[n] for n, r in self.neurons.items())
+        rows += sum(len(r) * size[n] for lang in self.language_neurons.values() for n, r in lang.items())
+        return rows
+
+    def _choose_rows(self, norm: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{layer: chosen rows (most important first)} for the configured ``row_selection``."""
+        for name, value, choices in (("score_normalization", self.score_normalization, SCORE_NORMALIZATIONS),
+                                     ("row_selection", self.row_selection, ROW_SELECTIONS),
+                                     ("group_normalization", self.group_normalization, GROUP_NORMALIZATIONS)):  # fmt: skip
+            _check_choice(name, value, choices)
+        importance = {name: s.mean(dim=0) for name, s in norm.items()}  # (out,) mean over groups
+        order = {name: torch.sort(v, descending=True, stable=True).indices for name, v in importance.items()}
+        if self.row_selection == "layers":
+            ranking = self.layer_ranking().tolist()
+            kept = set()
+            for part, ratio in self.layer_ratio.items():
+                idx = [i for i, p in enumerate(self.parts) if p == part]
+                ranked = sorted(idx, key=lambda i: (-ranking[i], i))
+                kept.update(ranked[: _n_of(ratio, len(idx))])
+            return {
+                n: order[n][: _n_of(self.neuron_ratio, len(order[n]))] for i, n in enumerate(self.layers) if i in kept
+            }
+        self._need_in_features()
+        if self.row_selection == "per_layer":
+            return {
+                n: order[n][: _n_of(self._budget_fraction(p), len(order[n]))] for n, p in zip(self.layers, self.parts)
+            }
+        # global: one ranking of every row of a part, scale-free across module types, filled up to the weight budget
+        chosen: dict[str, torch.Tensor] = {}
+        types = self.module_types()
+        for part in self.layer_ratio:
             idx = [i for i, p in enumerate(self.parts) if p == part]
-            order = sorted(idx, key=lambda i: (-importance[i], i))
-            kept.update(order[: _n_of(ratio, len(idx))])
-        self.kept_layers = [n for i, n in enumerate(self.layers) if i in kept]
+            scores = torch.cat([importance[self.layers[i]].to(torch.float64) for i in idx])
+            layer_of = torch.cat([torch.full((self.out_features[i],), i) for i in idx])
+            row_of = torch.cat([torch.arange(self.out_features[i]) for i in idx])
+            keys = [types[i] for i in idx for _ in range(self.out_features[i])]
+            ranked = _normalize_within(scores, keys, self.score_normalization)
+            # most important first; ties by layer then row (deterministic)
+            perm = sorted(range(len(ranked)), key=lambda j: (-float(ranked[j]), int(layer_of[j]), int(row_of[j])))
+            cost = torch.tensor([self.in_features[int(layer_of[j])] for j in perm], dtype=torch.float64)
+            budget = self._budget_fraction(part) * sum(self.out_features[i] * self.in_features[i] for i in idx)
+            take = int((torch.cumsum(cost, 0) <= budget + 1e-6).sum())
+            take = max(take, 1)  # a part is never left with nothing
+            for j in perm[:take]:
+                chosen.setdefault(self.layers[int(layer_of[j])], []).append(int(row_of[j]))
+        return {n: torch.tensor(chosen[n], dtype=torch.long) for n in self.layers if n in chosen}
+
+    def decide(self) -> None:
+        """(Re)compute kept layers and rows from the stored scores and options; deterministic (stable ties)."""
         norm = self.normalised_scores()
+        chosen = self._choose_rows(norm)
+        self.kept_layers = [n for n in self.layers if n in chosen]
         single = len(self.groups) == 1
         self.neurons, self.language_neurons = {}, {g: {} for g in self.groups}
         for name in self.kept_layers:
             s = norm[name]  # (G, out)
-            k = _n_of(self.neuron_ratio, s.shape[1])
-            top = torch.sort(s.mean(dim=0), descending=True, stable=True).indices[:k]
+            top = chosen[name]
+            k = int(top.numel())
             n_spec = 0 if single else int(round(self.specific_ratio * k))
             var = s[:, top].var(dim=0, unbiased=False)
             by_var = torch.sort(var, descending=True, stable=True).indices
