@@ -885,6 +885,12 @@ class NeuronSelection:
             "kept_layers": self.kept_layers,
             "neurons": self.neurons,
             "language_neurons": self.language_neurons,
+            "in_features": self.in_features,
+            "score_normalization": self.score_normalization,
+            "row_selection": self.row_selection,
+            "weight_ratio": self.weight_ratio,
+            "token_reduction": self.token_reduction,
+            "group_normalization": self.group_normalization,
         }
         atomic_write_text(os.path.join(path, _JSON_NAME), json.dumps(meta, indent=1))
 

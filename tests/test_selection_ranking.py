@@ -145,6 +145,20 @@ def test_token_sum_is_mean_times_counted_tokens_and_ranks_the_same():
     assert summed.language_neurons == mean.language_neurons
 
 
+def test_options_round_trip_through_save_and_load(tmp_path):
+    sel = select_neurons(tiny_llama(), calibration(), row_selection="global", weight_ratio=0.1,
+                         score_normalization="module_type_z", progress=False)  # fmt: skip
+    total = sum(o * i for o, i in zip(sel.out_features, sel.in_features))
+    assert sel.in_features[sel.layers.index("model.layers.0.mlp.down_proj")] == 64
+    assert 0 < sel.trained_weights() <= 0.1 * total
+    assert sel.trained_weights() > 0.1 * total - max(sel.in_features)  # filled up to within one row
+    sel.save(tmp_path / "s")
+    loaded = NeuronSelection.load(tmp_path / "s")
+    assert (loaded.row_selection, loaded.weight_ratio, loaded.score_normalization) == ("global", 0.1, "module_type_z")
+    loaded.decide()
+    assert loaded.neurons == sel.neurons and loaded.language_neurons == sel.language_neurons
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
