@@ -1,16 +1,18 @@
 """Sparse backward for selected rows: weight-gradient work only for the rows that train.
 
-Two autograd Functions, both exact (they match a dense autograd reference) and both free of any (out, in)
-gradient or per-forward dense weight copy:
+Autograd Functions, all exact (they match a dense autograd reference) and all free of any (out, in) weight
+gradient:
 
-* `LiveRowsLinear` — the selected rows are kept written into the base weight ("live"), so the forward is the
-  base layer's single matmul and the backward is ``grad_x = g @ W`` plus ``grad_delta = g[..., rows]^T @ x``.
-  Fastest (one matmul forward, no index work in forward); needs a plain, unshared, writable base weight.
+* `LiveRowsLinear` — the selected rows are swapped into the base weight for the duration of the matmul only
+  (`RowsWritten`), so the forward is the base layer's single matmul and the backward is ``grad_x = g @ W`` (rows
+  swapped in again) plus ``grad_delta = g[..., rows]^T @ x``. Fastest; needs a plain, unshared, frozen base weight.
+* `RowDeltaLinear` — the same math without writing the weight (``y[..., rows] += x @ delta^T``): what
+  `torch.compile` traces.
 * `AddRowDelta` — adds ``x @ delta^T + bias_delta`` into the selected output columns of whatever the base layer
   returned. Works on any base (quantized, sharded, hooked, several adapters at once) at the cost of an extra
-  k/n-sized matmul in forward and backward.
+  k/out-sized matmul in forward and backward.
+* `DenseDeltaLinear` — every row selected: ``W0 + delta`` formed transiently, never kept.
 
-With ``rows=None`` (every row selected) both use dense ops and no index gathers.
 ``route_mask`` (samples x k, or None) zeroes the gradient a sample sends to rows it does not own: the forward is
 unchanged, only the weight gradient is routed.
 """
@@ -42,31 +44,103 @@ def _remember_dtypes(ctx, x, delta, bias_delta) -> None:
     ctx.x_dtype = x.dtype
 
 
-class LiveRowsLinear(torch.autograd.Function):
-    """y = x @ W^T + b where W and b already hold the live rows (W0[rows] + delta).
+class RowsWritten:
+    """Within the block the base weight holds ``W0[rows] + delta`` (and the bias ``b0[rows] + bias_delta``); at exit,
+    even on an exception, the exact original rows are back.
 
-    `delta` / `bias_delta` are inputs only so that autograd hands them their gradients; the forward does not read
-    them (their values are already inside W). No gradient is produced for W or b.
+    Why: the effective weight of a selected-rows adapter differs from W0 in k rows only, so the cheapest exact
+    forward is the base layer's one matmul on W0 with those k rows swapped in, a (k, in_features) copy beside an
+    (tokens, in) x (in, out) matmul. Swapping in and out inside one layer call (rather than keeping the rows
+    written between calls) means nothing outside the call ever sees ``W0 + delta`` in the base weight: not
+    ``parameters()``, ``state_dict()``, ``deepcopy``, weight averaging, offload hooks, a ``disable_adapter()``
+    reference pass, nor a ``p.data`` write to the delta that the next call would otherwise miss.
+
+    Writes go through ``.data`` so the weight's autograd version counter does not move: the weight is frozen, and
+    after the block it holds exactly the values autograd saw (F.linear and our backward may have saved it).
+    """
+
+    __slots__ = ("w", "b", "rows", "delta", "bias_delta", "orig_w", "orig_b")
+
+    def __init__(self, weight, bias, rows, delta, bias_delta, fan_in_fan_out: bool):
+        w = weight.data
+        self.w = w.t() if fan_in_fan_out else w  # (out, in) view of the storage
+        self.b = None if bias is None or bias_delta is None else bias.data
+        self.rows, self.delta, self.bias_delta = rows, delta, bias_delta
+
+    def __enter__(self):
+        rows, w = self.rows, self.w
+        self.orig_w = w.index_select(0, rows)
+        w.index_copy_(0, rows, (self.orig_w.float() + self.delta.detach().float()).to(w.dtype))
+        if self.b is not None:
+            self.orig_b = self.b.index_select(0, rows)
+            self.b.index_copy_(0, rows, (self.orig_b.float() + self.bias_delta.detach().float()).to(self.b.dtype))
+        return self
+
+    def __exit__(self, *exc):
+        self.w.index_copy_(0, self.rows, self.orig_w)
+        if self.b is not None:
+            self.b.index_copy_(0, self.rows, self.orig_b)
+        return False
+
+
+class LiveRowsLinear(torch.autograd.Function):
+    """y = x @ (W0 + delta)^T + (b0 + bias_delta), with the k selected rows swapped into W0 for the matmul only.
+
+    Forward is the base layer's single matmul; backward is ``grad_x = g @ (W0 + delta)`` (rows swapped in again for
+    that matmul) plus ``grad_delta = g[..., rows]^T @ x``. No gradient is produced for W or b, no (out, in) tensor
+    is allocated, and the base weight holds W0 whenever this Function is not running (see `RowsWritten`).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, delta, bias_delta, rows, fan_in_fan_out, route_mask):
-        w = weight.t() if fan_in_fan_out else weight
-        y = F.linear(x, w, bias)
+        with torch.no_grad(), RowsWritten(weight, bias, rows, delta, bias_delta, fan_in_fan_out):
+            y = F.linear(x, weight.t() if fan_in_fan_out else weight, bias)
         ctx.fan_in_fan_out = fan_in_fan_out
         _remember_dtypes(ctx, x, delta, bias_delta)
-        ctx.save_for_backward(x, weight, rows, route_mask)
+        ctx.save_for_backward(x, weight, delta, rows, route_mask)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, rows, route_mask = ctx.saved_tensors
+        x, weight, delta, rows, route_mask = ctx.saved_tensors
+        grad_x = grad_delta = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            with RowsWritten(weight, None, rows, delta, None, ctx.fan_in_fan_out):
+                w = weight.t() if ctx.fan_in_fan_out else weight
+                grad_x = grad_y.matmul(w.to(grad_y.dtype)).to(ctx.x_dtype)
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            grad_delta, grad_bias = _rows_grad(grad_y.index_select(-1, rows), x, route_mask, ctx.has_bias_delta,
+                                               ctx.delta_dtype)  # fmt: skip
+        return grad_x, None, None, grad_delta, grad_bias, None, None, None
+
+
+class RowDeltaLinear(torch.autograd.Function):
+    """y = x @ W0^T + b0, then ``y[..., rows] += x @ delta^T + bias_delta``, out of place and without writing W0.
+
+    The form `torch.compile` traces: no in-place write to a parameter, no Python-side state, so a compiled step
+    compiles once. Same math as `LiveRowsLinear` (rounding differs in the last bits: the delta is added to the
+    output instead of to the weight); costs one extra k/out-sized matmul in forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, delta, bias_delta, rows, fan_in_fan_out, route_mask):
+        y = F.linear(x, weight.t() if fan_in_fan_out else weight, bias)
+        dt = y.dtype
+        update = F.linear(x.to(dt), delta.to(dt), None if bias_delta is None else bias_delta.to(dt))
+        ctx.fan_in_fan_out = fan_in_fan_out
+        _remember_dtypes(ctx, x, delta, bias_delta)
+        ctx.save_for_backward(x, weight, delta, rows, route_mask)
+        return y.index_add(-1, rows, update)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, delta, rows, route_mask = ctx.saved_tensors
+        g_rows = grad_y.index_select(-1, rows)
         grad_x = grad_delta = grad_bias = None
         if ctx.needs_input_grad[0]:
             w = weight.t() if ctx.fan_in_fan_out else weight
-            grad_x = grad_y.matmul(w.to(grad_y.dtype)).to(ctx.x_dtype)
+            grad_x = (grad_y.matmul(w.to(grad_y.dtype)) + g_rows.matmul(delta.to(g_rows.dtype))).to(ctx.x_dtype)
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            g_rows = grad_y if rows is None else grad_y.index_select(-1, rows)
             grad_delta, grad_bias = _rows_grad(g_rows, x, route_mask, ctx.has_bias_delta, ctx.delta_dtype)
         return grad_x, None, None, grad_delta, grad_bias, None, None, None
 

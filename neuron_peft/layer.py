@@ -8,17 +8,20 @@ Per adapter the layer holds
 The adapted layer computes the base layer with ``W[rows] += delta`` and ``b[rows] += bias_delta``.
 
 Forward paths (see `autograd.py`):
-  * live (default when safe): rows are written into the base weight and a custom Function gives the sparse
-    backward. The original rows are kept aside while live, so disable/unmerge/unload/state_dict restore the
-    base weight exactly; any of those first calls `_restore_live()`.
+  * live (default when safe): inside the layer's own forward (and again around ``grad_x`` in backward) the rows
+    ``W0[rows] + delta`` are swapped into the base weight for the one matmul and W0 is put back at once, so the
+    forward always uses the deltas as they are now (whoever wrote them: an optimizer, ``p.data``, a load) and
+    nothing outside the call ever sees ``W0 + delta`` in the base weight. No module-level state is involved.
+  * every row selected: ``W0 + delta`` is formed transiently (`DenseDeltaLinear`).
+  * under `torch.compile`: the same math without writing the weight (`RowDeltaLinear`).
   * additive: ``out[..., rows] += x @ delta^T`` on the base output — quantized, sharded, hooked or tied base
-    weights, several active adapters, or ``update_path="additive"``.
+    weights, several active adapters, or ``update_path="additive"``. Deltas that accelerate offloaded (cpu/disk
+    offload, ``device_map`` with offloaded layers) are loaded through accelerate's hook for the call.
 """
 
 from __future__ import annotations
 
 import warnings
-import weakref
 from typing import Optional
 
 import torch
@@ -27,32 +30,17 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils import resolve_quantization_backend
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers.pytorch_utils import Conv1D
 
-from .autograd import AddRowDelta, DenseDeltaLinear, LiveRowsLinear
-
-# Optimizers that write parameters outside autograd's version counter (fused AdamW, bitsandbytes, ...) still
-# run torch's global step hooks; counting steps lets live rows resync after any optimizer step.
-_OPTIMIZER_STEPS = [0]
-
-
-def _count_step(optimizer, args, kwargs):
-    _OPTIMIZER_STEPS[0] += 1
-
-
-register_optimizer_step_post_hook(_count_step)
-
-
-# layer -> weak reference to the Parameter that was its base weight when it was built. A different object later
-# means someone else manages the weight (FSDP2 swaps in temporary all-gathered parameters for each forward), so no
-# rows may be written into it. Deep copies and unpickled layers are absent and register their weight lazily.
-_OWN_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+from .autograd import AddRowDelta, DenseDeltaLinear, LiveRowsLinear, RowDeltaLinear
 
 
 def mark_adapter_updated() -> None:
-    """Tell live layers their deltas changed (only needed after writing deltas through ``.data`` by hand)."""
-    _OPTIMIZER_STEPS[0] += 1
+    """Kept for compatibility; does nothing.
+
+    Earlier versions kept selected rows written into the base weight between calls and had to be told when a delta
+    was changed through ``.data``. Rows are now swapped in per call, so every forward uses the current deltas.
+    """
 
 
 class NeuronSelectLayer(BaseTunerLayer):
@@ -79,8 +67,6 @@ class NeuronSelectLayer(BaseTunerLayer):
         )
         base = self.get_base_layer()
         self._fast["base"] = base
-        if isinstance(getattr(base, "weight", None), torch.Tensor):
-            _OWN_WEIGHTS[self] = weakref.ref(base.weight)
         if isinstance(base, Conv1D):
             self.in_features, self.out_features = base.weight.shape
             self.fan_in_fan_out = True
@@ -95,10 +81,6 @@ class NeuronSelectLayer(BaseTunerLayer):
         self.update_path = "auto"
         self.weight_is_shared = False
         self._route = None  # set by the tuner: per-forward routing state shared by all layers of a model
-        # live state: which adapter's rows are written into the base weight, the original rows, a sync key
-        self._live_adapter: Optional[str] = None
-        self._live_orig: dict[str, torch.Tensor] = {}
-        self._live_key = None
 
     # ------------------------------------------------------------------ adapter management
     def update_layer(
@@ -113,7 +95,6 @@ class NeuronSelectLayer(BaseTunerLayer):
         inference_mode: bool = False,
         **kwargs,
     ) -> None:
-        self._restore_live()
         rows = torch.as_tensor(rows, dtype=torch.long).flatten()
         k = rows.numel()
         if k == 0:
@@ -148,19 +129,6 @@ class NeuronSelectLayer(BaseTunerLayer):
 
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
-
-    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
-        self._restore_live()
-        super().set_adapter(adapter_names, inference_mode=inference_mode)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        self._restore_live()
-        super().delete_adapter(adapter_name)
-
-    def enable_adapters(self, enabled: bool) -> None:
-        if not enabled:
-            self._restore_live()
-        super().enable_adapters(enabled)
 
     def has_specific_rows(self, adapter_name: str) -> bool:
         """Whether this layer has language-specific rows for the adapter (only then is routing needed)."""
@@ -258,7 +226,6 @@ class NeuronSelectLayer(BaseTunerLayer):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
-        self._restore_live()
         for name in adapter_names:
             if name in self.neuron_select_delta:
                 self._apply_delta(name, +1.0, safe=safe_merge)
@@ -275,6 +242,8 @@ class NeuronSelectLayer(BaseTunerLayer):
 
     # ------------------------------------------------------------------ live rows
     def _live_allowed(self) -> bool:
+        """Whether the rows may be swapped into the base weight for a call: a plain, frozen, unshared weight that no
+        other system manages (quantized, sharded, offloaded or hooked weights take the additive path)."""
         if self.update_path == "additive" or self.quantization_backend is not None or self.weight_is_shared:
             return False
         base = self._fast["base"]
@@ -282,101 +251,52 @@ class NeuronSelectLayer(BaseTunerLayer):
             return False
         w = base._parameters.get("weight")
         if w is None or w.requires_grad or not w.is_floating_point() or type(w.data) is not torch.Tensor:
-            return False
+            return False  # DTensor (FSDP2 shards between calls) is not a plain tensor
+        if w.device.type == "meta" or hasattr(w, "ds_id"):
+            return False  # offloaded, or a DeepSpeed ZeRO-3 placeholder
         b = base._parameters.get("bias")
         if b is not None and (b.requires_grad or type(b.data) is not torch.Tensor):
             return False
         if base._forward_hooks or base._forward_pre_hooks or "_hf_hook" in base.__dict__:
             return False  # e.g. accelerate offloading: the base forward must run
-        if self._weight_is_foreign():
-            return False  # sharded or swapped in by FSDP2 / FSDP / ZeRO-3: never write rows into it
         return True
 
-    def _weight_is_foreign(self) -> bool:
-        """Whether another system manages the base weight: a sharded tensor (DTensor, DeepSpeed ZeRO-3 parameter) or
-        not the Parameter this layer was built on (FSDP2 hands each forward a temporary all-gathered parameter that
-        is freed or re-gathered from the shards afterwards, so rows written into it would be lost or go stale)."""
-        w = getattr(self.get_base_layer(), "weight", None)
-        if not isinstance(w, torch.Tensor) or hasattr(w, "ds_id") or type(w.data) is not torch.Tensor:
-            return True
-        ref = _OWN_WEIGHTS.get(self)
-        if ref is None:  # a deep copy or an unpickled layer: its current weight is its own
-            _OWN_WEIGHTS[self] = weakref.ref(w)
-            return False
-        return ref() is not w
-
-    def _sync_live(self, adapter_name: str) -> None:
-        """Write orig + delta into the base weight rows, unless nothing changed since the last write."""
-        fast = self._fast
-        base = fast["base"]
-        delta = fast["deltas"][adapter_name]
-        bias_delta = fast["bias_deltas"].get(adapter_name)
-        weight = base._parameters["weight"]
-        key = (
-            adapter_name,
-            _OPTIMIZER_STEPS[0],
-            id(delta), delta._version, delta.data_ptr(),
-            None if bias_delta is None else (id(bias_delta), bias_delta._version, bias_delta.data_ptr()),
-            weight.data_ptr(), weight._version,
-        )  # fmt: skip
-        if self._live_key == key:
-            return
-        if self._live_adapter is not None and self._live_adapter != adapter_name:
-            self._restore_live()
-        rows = self._dense_rows(adapter_name)
-        with torch.no_grad():
-            weight = base.weight
-            if self._live_adapter is None:
-                self._live_orig["w"] = self._read_rows(weight, rows)
-                if bias_delta is not None:
-                    self._live_orig["b"] = (
-                        base.bias.detach().clone() if rows is None else base.bias.index_select(0, rows)
-                    )
-                self._live_adapter = adapter_name
-            orig = self._live_orig["w"].to(weight.device)
-            self._write_rows(weight, rows, orig.float() + delta.detach().float())
-            if bias_delta is not None:
-                ob = self._live_orig["b"].to(base.bias.device)
-                new_b = (ob.float() + bias_delta.detach().float()).to(base.bias.dtype)
-                if rows is None:
-                    base.bias.copy_(new_b)
-                else:
-                    base.bias.index_copy_(0, rows, new_b)
-        self._live_key = key[:-1] + (base.weight._version,)
-
     def _restore_live(self) -> None:
-        """Put the original rows back into the base weight (exact), leaving the layer un-live."""
-        adapter_name = self.__dict__.get("_live_adapter")
-        if adapter_name is None:
-            return
-        if self._weight_is_foreign():
+        """Kept for callers of earlier versions; does nothing: the base weight holds W0 outside a layer call."""
+
+    def _adapter_tensors(self, adapter_name: str):
+        """(delta, bias_delta) ready for compute: deltas that accelerate offloaded to the meta device are loaded
+        through the hook accelerate attached to their ParameterDict (accelerate only loads weights for modules whose
+        forward runs, and a ParameterDict has none)."""
+        delta = self._fast["deltas"][adapter_name]
+        bias_delta = self._fast["bias_deltas"].get(adapter_name)
+        if delta.device.type != "meta":
+            return delta, bias_delta
+        if torch.is_grad_enabled() and delta.requires_grad:
             raise RuntimeError(
-                "NeuronSelect: this layer's base weight holds live rows and was sharded or replaced since (FSDP2 "
-                "fully_shard, FSDP, DeepSpeed ZeRO-3), so its original rows cannot be restored and the base weights "
-                "are no longer exact. Call neuron_peft.distributed.prepare_for_sharding(model) (or "
-                "restore_base_weights() on the PEFT model) after any forward and before sharding the model."
+                "NeuronSelect: this layer's adapter weights are offloaded to the meta device (accelerate cpu/disk "
+                "offload or a device_map with offloaded layers), so they cannot receive gradients; train with the "
+                "adapter on a real device, or run inference under torch.no_grad()"
             )
-        base = self.get_base_layer()
-        rows = self._dense_rows(adapter_name)
-        with torch.no_grad():
-            self._write_rows(base.weight, rows, self._live_orig["w"].to(base.weight.device))
-            if "b" in self._live_orig:
-                ob = self._live_orig["b"].to(base.bias.device)
-                if rows is None:
-                    base.bias.copy_(ob)
-                else:
-                    base.bias.index_copy_(0, rows, ob)
-        self._live_orig.clear()
-        self._live_adapter = None
-        self._live_key = None
+        return (
+            _load_offloaded(self.neuron_select_delta, adapter_name),
+            None if bias_delta is None else _load_offloaded(self.neuron_select_bias_delta, adapter_name),
+        )
 
 
-def _restore_before_state_dict(module, prefix, keep_vars):
-    module._restore_live()
-
-
-def _restore_before_load(module, *args, **kwargs):
-    module._restore_live()
+def _load_offloaded(params: nn.ParameterDict, name: str) -> torch.Tensor:
+    """The value of an offloaded parameter from accelerate's weights map, on the hook's execution device."""
+    hook = getattr(params, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", (hook,))  # a SequentialHook holds several
+    for h in hooks:
+        weights_map = getattr(h, "weights_map", None)
+        if weights_map is not None and name in weights_map:
+            device = getattr(h, "execution_device", None)
+            return weights_map[name].to(device if device is not None else "cpu")
+    raise RuntimeError(
+        f"NeuronSelect: adapter weight {name!r} is on the meta device and no accelerate offload hook holds its "
+        "value; load the adapter onto a real device (or dispatch the model after loading the adapter)"
+    )
 
 
 class Linear(nn.Module, NeuronSelectLayer):
@@ -387,9 +307,6 @@ class Linear(nn.Module, NeuronSelectLayer):
         NeuronSelectLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, rows, row_groups, **kwargs)
-        # the base weight must never be seen with live rows from outside the layer
-        self.register_state_dict_pre_hook(_restore_before_state_dict)
-        self._register_load_state_dict_pre_hook(_restore_before_load, with_module=True)
 
     def _route_mask(self, adapter_name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
         route = self._route
@@ -398,27 +315,19 @@ class Linear(nn.Module, NeuronSelectLayer):
         return route.mask_for(self, adapter_name, x.shape[0], x.dim())
 
     def _live_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """One adapter on a plain base weight: live rows (sparse), a transient dense weight (all rows), or inference."""
+        """One adapter on a plain base weight: rows swapped in for the call (sparse), a transient dense weight (all
+        rows), or the non-writing form when `torch.compile` traces."""
         fast = self._fast
         base = fast["base"]
         weight, bias = base._parameters["weight"], base._parameters.get("bias")
-        delta = fast["deltas"][name]
+        delta, bias_delta = fast["deltas"][name], fast["bias_deltas"].get(name)
         training = torch.is_grad_enabled() and (delta.requires_grad or x.requires_grad)
+        mask = self._route_mask(name, x) if training else None
         rows = self._dense_rows(name)
-        if training and rows is None:
-            # every row selected: no live copy of the original weight (it would double the layer's memory)
-            self._restore_live()
-            return DenseDeltaLinear.apply(
-                x, weight, bias, delta, fast["bias_deltas"].get(name), self.fan_in_fan_out,
-                self._route_mask(name, x),
-            )  # fmt: skip
-        self._sync_live(name)
-        if not training:  # inference: exactly the base layer's matmul on the live weight
-            return F.linear(x, weight.t() if self.fan_in_fan_out else weight, bias)
-        return LiveRowsLinear.apply(
-            x, weight, bias, delta, fast["bias_deltas"].get(name), rows, self.fan_in_fan_out,
-            self._route_mask(name, x),
-        )  # fmt: skip
+        if rows is None:  # every row selected: no index work, no second copy of the weight
+            return DenseDeltaLinear.apply(x, weight, bias, delta, bias_delta, self.fan_in_fan_out, mask)
+        fn = RowDeltaLinear if torch.compiler.is_compiling() else LiveRowsLinear
+        return fn.apply(x, weight, bias, delta, bias_delta, rows, self.fan_in_fan_out, mask)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # hot path: one active adapter, live rows (plain dict lookups only; this runs for every layer and token)
@@ -442,25 +351,21 @@ class Linear(nn.Module, NeuronSelectLayer):
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            self._restore_live()
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         active = [a for a in self.active_adapters if a in self.neuron_select_delta]
         if not active:
-            self._restore_live()
             return self.base_layer(x, *args, **kwargs)
 
         if len(active) == 1 and not args and not kwargs and self._live_allowed():
             return self._live_forward(active[0], x)
 
-        self._restore_live()
         out = self.base_layer(x, *args, **kwargs)
         if self.quantization_backend is not None:
             out = self.quantization_backend.maybe_clone_base_result(out)  # bnb 4-bit: never write into its output
         for name in active:
-            delta = self.neuron_select_delta[name]
-            bias_delta = self.neuron_select_bias_delta[name] if name in self.neuron_select_bias_delta else None
+            delta, bias_delta = self._adapter_tensors(name)
             out = AddRowDelta.apply(out, x, delta, bias_delta, self._dense_rows(name), self._route_mask(name, x))
         return out
 

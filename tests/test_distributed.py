@@ -102,6 +102,16 @@ def calibration(shard: int | None):
     }
 
 
+def base_weights(model) -> dict:
+    return {n: p.detach().clone() if type(p.data) is torch.Tensor else p.detach()
+            for n, p in model.named_parameters() if "base_layer.weight" in n}  # fmt: skip
+
+
+def pretrained_base_weights() -> dict:
+    """The base weights of a freshly built adapted model (nothing has run on it yet)."""
+    return base_weights(build("auto"))
+
+
 def selection_result(sel) -> dict:
     return {
         "kept": sel.kept_layers,
@@ -121,13 +131,13 @@ def _ddp(path):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = build(path)
-        with torch.no_grad():  # a forward before wrapping writes live rows; DDP then broadcasts those weights
+        with torch.no_grad():  # a forward before wrapping: DDP then broadcasts the base weights, which must be W0
             model(input_ids=torch.randint(1, VOCAB, (1, 5)))
         model.train()
         ddp = DDP(model)  # wraps the PeftModel; neuron_groups travels as a forward kwarg
         train(model, global_batches(), rank, world, call=ddp)
-        live = [m._live_adapter is not None for m in model.modules() if isinstance(m, NeuronSelectLayer)]
-        return {"deltas": deltas(model), "live": live}
+        live = [m._live_allowed() for m in model.modules() if isinstance(m, NeuronSelectLayer)]
+        return {"deltas": deltas(model), "live": live, "base": base_weights(model)}
 
     return run
 
@@ -143,13 +153,13 @@ def _fsdp2(rank, world):
     sharded = [type(m.get_base_layer().weight).__name__ for m in model.modules() if isinstance(m, NeuronSelectLayer)]
     model.train()
     train(model, global_batches(), rank, world)
-    live = [m._live_adapter is not None for m in model.modules() if isinstance(m, NeuronSelectLayer)]
+    base = {n: w.full_tensor() for n, w in base_weights(model).items()}  # gathered from the shards
     try:
         model.merge_adapter()
         merge_error = None
     except NotImplementedError as e:
         merge_error = str(e)
-    return {"deltas": deltas(model), "weight_types": sharded, "live": live, "merge_error": merge_error}
+    return {"deltas": deltas(model), "weight_types": sharded, "base": base, "merge_error": merge_error}
 
 
 def _select(rank, world):
@@ -257,15 +267,17 @@ def test_ddp_two_processes_match_one_process(worker_results, reference_deltas, p
         _assert_same_deltas(r["deltas"], expected)
         # the live path really ran under DDP (and the additive one did not)
         assert all(r["live"]) if path == "live" else not any(r["live"])
+        _assert_same_deltas(r["base"], pretrained_base_weights(), atol=0)  # W0 never left in the base weights
 
 
 def test_fsdp2_two_processes_match_one_process(worker_results, reference_deltas):
     ranks = _scenario(worker_results, "fsdp2")
     for r in ranks:
         assert set(r["weight_types"]) == {"DTensor"}, r["weight_types"]
-        # no live rows: the base weights FSDP2 hands the layers in forward are temporary all-gather buffers
+        # FSDP2 hands each forward a temporary all-gathered weight; rows swapped into it are put back in the call,
+        # so the shards still hold exactly the pretrained weights after training
         _assert_same_deltas(r["deltas"], reference_deltas["auto"])
-        assert not any(r["live"])
+        _assert_same_deltas(r["base"], pretrained_base_weights(), atol=0)
         assert r["merge_error"] and "sharded base weight" in r["merge_error"]
 
 
@@ -294,26 +306,23 @@ def _replace_base_weights(model):
             base.weight = torch.nn.Parameter(base.weight.detach().clone(), requires_grad=False)
 
 
-def test_live_rows_are_never_written_into_a_replaced_weight():
+def test_base_weights_stay_pretrained_through_copies_and_replacement():
+    """Rows are swapped in per call only: after forwards the base weights are W0, a deep copy is exact, and a base
+    weight replaced by another Parameter (what a sharding wrapper does) is used as is and never written."""
     ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
     model = build("auto").eval()
     expected = model(input_ids=ids).logits.detach()
-    assert all(m._live_adapter is not None for m in model.modules() if isinstance(m, NeuronSelectLayer))
-    # a deep copy keeps the live path (its weights are its own) and its exact base weights
+    _assert_same_deltas(base_weights(model), pretrained_base_weights(), atol=0)
     clone = copy.deepcopy(model)
     torch.testing.assert_close(clone(input_ids=ids).logits, expected, rtol=0, atol=0)
-    assert all(m._live_adapter is not None for m in clone.modules() if isinstance(m, NeuronSelectLayer))
 
-    # replaced while holding live rows: the originals cannot be restored any more -> a clear error
     _replace_base_weights(clone)
-    with pytest.raises(RuntimeError, match="prepare_for_sharding"):
-        clone(input_ids=ids)
+    torch.testing.assert_close(clone(input_ids=ids).logits, expected, rtol=0, atol=0)
+    _assert_same_deltas(base_weights(clone), pretrained_base_weights(), atol=0)
 
-    # the documented order: restore first, then shard; the layers switch to the additive path by themselves
-    prepare_for_sharding(model)
+    assert prepare_for_sharding(model) is model  # kept for compatibility: nothing to restore any more
     _replace_base_weights(model)
-    torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
-    assert not any(m._live_adapter is not None for m in model.modules() if isinstance(m, NeuronSelectLayer))
+    torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=0)
     base = build("auto").eval()
     with base.disable_adapter():
         original = {n: p for n, p in base.named_parameters() if "base_layer.weight" in n}

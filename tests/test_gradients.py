@@ -3,69 +3,11 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from conftest import TARGETS, make_loss_inputs, make_model
-from peft import get_peft_model
+from conftest import make_loss_inputs
+from testing_utils import adapted, assert_grads_match, build, dense_reference
 from torch.utils._python_dispatch import TorchDispatchMode
-
-from neuron_peft import NeuronSelectConfig, NeuronSelectLayer
-
-
-def build(arch, ratio=0.25, path="auto", train_bias=True, dtype=torch.float32, seed=0):
-    base = make_model(arch, seed).to(dtype)
-    cfg = NeuronSelectConfig(
-        target_modules=TARGETS[arch], neuron_ratio=ratio, neuron_init="random", init_weights=False,
-        update_path=path, train_bias=train_bias, fan_in_fan_out=arch == "gpt2",
-    )  # fmt: skip
-    model = get_peft_model(copy.deepcopy(base), cfg)
-    return base, model
-
-
-def adapted(model):
-    """NeuronSelect layers by their name in the base model (works for PeftModel and plain transformers models)."""
-    return {
-        n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, NeuronSelectLayer)
-    }
-
-
-def dense_reference(base, model):
-    """A copy of the base model whose targeted weights hold W + delta as full trainable tensors."""
-    ref = copy.deepcopy(base)
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    modules = dict(ref.named_modules())
-    for name, layer in adapted(model).items():
-        target = modules[name]
-        rows = layer.neuron_select_indices["default"]
-        with torch.no_grad():
-            delta = layer.neuron_select_delta["default"].to(target.weight.dtype)
-            if layer.fan_in_fan_out:
-                target.weight[:, rows] += delta.t()
-            else:
-                target.weight[rows] += delta
-            if "default" in layer.neuron_select_bias_delta:
-                target.bias[rows] += layer.neuron_select_bias_delta["default"].to(target.bias.dtype)
-        target.weight.requires_grad_(True)
-        if target.bias is not None:
-            target.bias.requires_grad_(True)
-    return ref
-
-
-def assert_grads_match(model, ref, atol, rtol=1e-4):
-    modules = dict(ref.named_modules())
-    for name, layer in adapted(model).items():
-        target = modules[name]
-        rows = layer.neuron_select_indices["default"]
-        wgrad = target.weight.grad.t() if layer.fan_in_fan_out else target.weight.grad
-        got = layer.neuron_select_delta["default"].grad
-        assert got is not None, name
-        torch.testing.assert_close(got, wgrad[rows].to(got.dtype), atol=atol, rtol=rtol, msg=name)
-        if "default" in layer.neuron_select_bias_delta:
-            bgot = layer.neuron_select_bias_delta["default"].grad
-            torch.testing.assert_close(bgot, target.bias.grad[rows].to(bgot.dtype), atol=atol, rtol=rtol, msg=name)
 
 
 def run_loss(model, arch, micro=1, seed=1):
@@ -250,7 +192,6 @@ def test_dense_training_keeps_no_copy_of_the_base_weight():
     run_loss(model, "llama")
     opt.step()
     for name, layer in adapted(model).items():
-        assert not layer._live_orig, name
         assert torch.equal(layer.get_base_layer().weight, originals[name]), name
     model.eval()
     inputs = make_loss_inputs("llama", seed=4)
@@ -258,6 +199,6 @@ def test_dense_training_keeps_no_copy_of_the_base_weight():
         expected = dense_reference(base, model)(**inputs).logits
         torch.testing.assert_close(model(**inputs).logits, expected, atol=1e-5, rtol=1e-5)
     model.train()
-    run_loss(model, "llama")  # back to training: the inference-time live rows are put back
+    run_loss(model, "llama")  # inference and training alike leave the base weight untouched
     for name, layer in adapted(model).items():
-        assert not layer._live_orig and torch.equal(layer.get_base_layer().weight, originals[name]), name
+        assert torch.equal(layer.get_base_layer().weight, originals[name]), name

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TARGETS, VOCAB, make_model
 from peft import get_peft_model
-from test_gradients import adapted, dense_reference
+from testing_utils import adapted, dense_reference
 
 import neuron_peft
 from neuron_peft import NeuronSelectConfig
