@@ -17,7 +17,7 @@ def quality():
 @pytest.fixture(scope="module")
 def run(quality, tmp_path_factory):
     out = tmp_path_factory.mktemp("quality")
-    data = out / "data.jsonl"
+    data = tmp_path_factory.mktemp("quality_data") / "data.jsonl"  # an input never sits inside --out
     exported = quality.main(["--preset", "tiny", "--export-data", str(data)], log=lambda s: None)
     lines: list[str] = []
     results = quality.main(["--preset", "tiny", "--data-file", str(data), "--out", str(out)], log=lines.append)
