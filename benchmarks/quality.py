@@ -84,6 +84,7 @@ from neuron_peft.data import (
     score_translations,
     translate,
 )
+from neuron_peft.fileio import atomic_path, atomic_write_json, atomic_write_text, check_output_dir, check_output_file
 
 MiB = 1024 * 1024
 
@@ -359,9 +360,7 @@ DATA_FIELDS = ("src", "tgt", "group", "src_lang", "tgt_lang", "ref")
 
 def export_data(data: dict[str, list[ParallelExample]], path: Path, preset: Preset) -> None:
     """One JSON object per line: the first holds metadata, every other one pair with its ``split``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
         meta = {"meta": {"format": "neuron_peft.quality_data", "version": 1, "preset": asdict(preset),
                          "counts": {k: len(v) for k, v in data.items()}}}  # fmt: skip
         fh.write(json.dumps(meta, ensure_ascii=False) + "\n")
@@ -369,7 +368,6 @@ def export_data(data: dict[str, list[ParallelExample]], path: Path, preset: Pres
             for e in examples:
                 row = {"split": split, **{f: getattr(e, f) for f in DATA_FIELDS}}
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def read_data(path: Path) -> dict[str, list[ParallelExample]]:
@@ -589,6 +587,8 @@ def parse_args(argv):
     ap.add_argument("--data-file", default=None, help="read the exact pairs from a file written by --export-data")
     ap.add_argument("--export-data", default=None, help="write the preset's pairs (all splits) as jsonl and exit")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/quality_out/<preset>)")
+    ap.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (or over an existing "
+                    "--export-data file), replacing only the files this script writes")  # fmt: skip
     ap.add_argument("--dry-run", action="store_true", help="print the plan and data sizes; load no model")
     ap.add_argument("--report", default=None, metavar="RESULTS_JSON",
                     help="rebuild quality.md (significance, targets, plot) from a results.json, also a partial one "
@@ -627,7 +627,7 @@ def finish_report(results: dict, p: Preset, out_dir: Path, label: str, log: Call
     results["targets"] = targets(results)
     md = report_markdown(results, p, results["preset"])
     _write_json(out_dir / "results.json", results)
-    (out_dir / "quality.md").write_text(md, encoding="utf-8")
+    atomic_write_text(out_dir / "quality.md", md)
     try:
         plot(results, out_dir / "quality_bleu.png", label)
         results["plot"] = str(out_dir / "quality_bleu.png")
@@ -655,6 +655,13 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
     if args.report:
         return rebuild_report(Path(args.report), log)
     p = resolve_preset(args)
+    # outputs are checked before any work: never write into an input or over another run's files by accident
+    inputs = [("--data-file", args.data_file), ("--model", p.model if os.path.exists(p.model) else None)]
+    out_dir = Path(args.out or Path(__file__).resolve().parent / "quality_out" / args.preset)
+    if args.export_data:
+        check_output_file(args.export_data, inputs=inputs, overwrite=args.overwrite, flag="--export-data")
+    elif not args.dry_run:
+        check_output_dir(out_dir, inputs=inputs, overwrite=args.overwrite, flag="--out")
     if p.threads:
         torch.set_num_threads(p.threads)
     device = resolve_device(p)
@@ -683,7 +690,6 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
     if args.dry_run:
         return {"preset": asdict(p), "counts": counts, "runs_planned": runs_planned, "dry_run": True}
 
-    out_dir = Path(args.out or Path(__file__).resolve().parent / "quality_out" / args.preset)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_load = time.perf_counter()
     base, tok = load_model(p, data, device)
@@ -750,7 +756,7 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
         gc.collect()
         _write_json(out_dir / "results.json", results)  # partial results survive an interrupted run
         partial = "**PARTIAL: the run was still going when this was written.**\n\n"
-        (out_dir / "quality.md").write_text(partial + report_markdown(results, p, args.preset), encoding="utf-8")
+        atomic_write_text(out_dir / "quality.md", partial + report_markdown(results, p, args.preset))
 
     results["total_seconds"] = time.perf_counter() - t_all
     md = finish_report(results, p, out_dir, label, log)
@@ -760,9 +766,7 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_json(path, data, indent=1, default=str)
 
 
 # --------------------------------------------------------------------------------------------------- significance
@@ -1043,9 +1047,14 @@ def plot(results: dict, path: Path, label: str) -> None:
         ax.tick_params(axis="x", rotation=60)
     fig.suptitle(f"{results['preset']} preset: {label}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as err:  # OutputPathError and other bad values: one line, argparse's exit status
+        print(f"quality.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

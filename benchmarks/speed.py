@@ -32,7 +32,6 @@ import argparse
 import copy
 import datetime
 import gc
-import json
 import math
 import os
 import platform
@@ -54,6 +53,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from neuron_peft import NeuronSelectConfig
+from neuron_peft.fileio import OutputPathError, atomic_write_json, check_output_file
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ["neuron-10", "neuron-40", "neuron-100", "lora", "dora", "full", "floor"]
@@ -452,7 +452,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-inference", action="store_true", help="skip the inference-overhead measurement")
     p.add_argument("--routing", action="store_true", help="also time neuron-10-routed (4 groups, mixed batches)")
     p.add_argument("--json", metavar="PATH", help="write all results and raw timings to PATH")
-    return p.parse_args(argv)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    args = p.parse_args(argv)
+    try:  # before any timing: a run must not end by refusing (or silently replacing) its output file
+        if args.json:
+            check_output_file(args.json, overwrite=args.overwrite, flag="--json")
+    except OutputPathError as err:
+        p.error(str(err))
+    return args
 
 
 def resolve_preset(presets: dict, args, log=print):
@@ -574,8 +581,7 @@ def main(argv=None, log=print) -> Optional[dict]:
         clock = "" if "memory" in t["target"] else f" [{args.clock} time]"
         log(f"  {t['target']}{clock}: {_fmt(t['measured'], '.3f')} (target <= {t['threshold']}) {status}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2, default=str)
+        atomic_write_json(args.json, results, indent=2, default=str)
         log(f"wrote {args.json}")
     bad = [m for m, r in results["methods"].items() if r["ms_median"] is not None and not math.isfinite(r["ms_median"])]
     if bad:

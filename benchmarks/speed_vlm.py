@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -58,6 +57,7 @@ from speed import (  # noqa: E402
 
 from neuron_peft import NeuronSelectConfig  # noqa: E402
 from neuron_peft.data import ParallelExample  # noqa: E402
+from neuron_peft.fileio import OutputPathError, atomic_write_json, check_output_file  # noqa: E402
 from neuron_peft.multimodal import (  # noqa: E402
     RenderedTranslationDataset,
     VLMInputs,
@@ -257,7 +257,13 @@ def main(argv=None, log=print) -> Optional[dict]:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = ap.parse_args(argv)
+    try:  # before any timing: never write over the model folder or another run's results by accident
+        if args.json:
+            check_output_file(args.json, inputs=[("--model", args.model)], overwrite=args.overwrite, flag="--json")
+    except OutputPathError as err:
+        ap.error(str(err))
     preset = resolve_preset(PRESETS, args, log)
     if preset is None:
         return None
@@ -317,8 +323,7 @@ def main(argv=None, log=print) -> Optional[dict]:
     log("")
     log("\n".join(lines))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2, default=str)
+        atomic_write_json(args.json, results, indent=2, default=str)
         log(f"wrote {args.json}")
     del runners
     gc.collect()

@@ -310,3 +310,28 @@ def test_cli_bad_values_get_one_line_and_exit_2(workspace, tmp_path, capsys, ext
     line = one_error_line(capsys, "neuron-peft train: error: argument " + flag)
     assert len(line) < 300
     assert not out.exists()  # nothing written, no model loaded
+
+
+# ------------------------------------------------------------------------------------------------------ benchmarks
+def test_benchmark_outputs_follow_the_same_rule(tmp_path, capsys):
+    """Before: quality.py wrote into any --out (also one holding its --data-file) and speed*.py replaced --json."""
+    from conftest import load_benchmark
+
+    quality, speed = load_benchmark("quality"), load_benchmark("speed")
+    data = tmp_path / "data.jsonl"
+    data.write_text("{}\n")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "results.json").write_text('{"an": "earlier run"}')
+    before = tree_digest(tmp_path)
+    tiny = ["--preset", "tiny", "--data-file", str(data)]
+    with pytest.raises(OutputPathError, match="--out .* contains the input --data-file"):
+        quality.main(tiny + ["--out", str(tmp_path), "--overwrite"], log=lambda s: None)
+    with pytest.raises(OutputPathError, match="--out .*busy exists and is not empty"):
+        quality.main(tiny + ["--out", str(busy)], log=lambda s: None)
+    with pytest.raises(OutputPathError, match="--export-data .* same path as the input --data-file"):
+        quality.main(tiny + ["--export-data", str(data), "--overwrite"], log=lambda s: None)
+    with pytest.raises(SystemExit) as exit_:
+        speed.main(["--preset", "tiny", "--json", str(busy / "results.json")], log=lambda s: None)
+    assert exit_.value.code == 2 and "--json" in capsys.readouterr().err
+    assert tree_digest(tmp_path) == before
