@@ -25,7 +25,6 @@ import warnings
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils import resolve_quantization_backend
