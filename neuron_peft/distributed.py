@@ -1,9 +1,8 @@
 """Helpers for multi-process use: DDP, FSDP2 (``fully_shard``) and DeepSpeed ZeRO-3.
 
-* DDP needs nothing special: the live path keeps working (every rank writes the same rows into its own replica).
-* Sharded bases (FSDP2 DTensor parameters, ZeRO-3 partitioned parameters) are served by the additive path: a
-  layer never writes rows into a weight it does not own (see ``NeuronSelectLayer._weight_is_foreign``). Call
-  `prepare_for_sharding` before sharding a model that already ran a forward, so no live rows are sharded with it.
+* DDP needs nothing special: the live path swaps rows into each replica's weight for a layer call only.
+* FSDP2: the live path swaps rows into the all-gathered weight FSDP2 hands each call and puts W0 back within the
+  call; the DTensor shards are never written. ZeRO-3 partitioned parameters take the additive path.
 * `select_neurons` all-reduces its score accumulators (`all_reduce_sum`), so every rank selects the same rows;
   on sharded models the ranks step through the calibration batches in lockstep (`needs_lockstep`).
 * `gathered_parameters` gathers ZeRO-3 partitioned parameters for reading (weight-based ``neuron_init``).
@@ -102,15 +101,9 @@ def gathered_parameters(params: Iterable[torch.Tensor]):
 
 
 def prepare_for_sharding(model: nn.Module) -> nn.Module:
-    """Put every NeuronSelect layer's original rows back into its base weight (call before FSDP / ZeRO-3 wrapping).
+    """Kept for compatibility; returns ``model`` unchanged.
 
-    A forward on an unsharded model writes the selected rows into the base weights (the live path); sharding the
-    model afterwards would shard those rows with it. After this call the base weights are exactly the pretrained
-    ones; once sharded, the layers use the additive path by themselves.
+    Earlier versions kept selected rows written into the base weights between calls and needed this before
+    sharding. Rows are now swapped in only for the duration of a layer call, so the base weights always hold W0.
     """
-    from .layer import NeuronSelectLayer
-
-    for module in model.modules():
-        if isinstance(module, NeuronSelectLayer):
-            module._restore_live()
     return model
