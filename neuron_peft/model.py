@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import NeuronSelectConfig
 from .layer import Linear, NeuronSelectLayer
-from .registration import PREFIX
+from .registration import PREFIX, AdapterFileError
 from .routing import GroupsPreHook, RouteState
 
 
@@ -232,6 +232,7 @@ class NeuronSelectModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        cls._refuse_foreign_keys(model, adapter_name, state_dict)
         for name, module in model.named_modules():
             if not isinstance(module, NeuronSelectLayer) or adapter_name not in module.neuron_select_indices:
                 continue
@@ -267,6 +268,51 @@ class NeuronSelectModel(BaseTuner):
                 )
             state_dict[f"{name}.neuron_select_indices.{adapter_name}"] = rows.long()
         return state_dict
+
+    @staticmethod
+    def _refuse_foreign_keys(model: nn.Module, adapter_name: str, state_dict: dict) -> None:
+        """Refuse tensors that are not this adapter's: PEFT loads with ``strict=False``, so without this check a base
+        weight in the file (``model.norm.weight``, ``q_proj.base_layer.weight``) silently overwrites the base model
+        and another method's tensors (a LoRA file whose peft_type was edited) are silently ignored.
+
+        Allowed, exactly what PEFT itself writes for this adapter: the NeuronSelect tensors, the modules PEFT's
+        auxiliary wrappers save (``modules_to_save``, trainable tokens), and the input/output embedding layers that
+        PEFT saves when the vocabulary was resized or ``lm_head`` is targeted (``save_embedding_layers``).
+        """
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        peft_prefix = "base_model.model."
+
+        def plain(key: str) -> str:
+            return key.removeprefix("_fsdp_wrapped_module.").removeprefix(peft_prefix)
+
+        allowed: set[str] = set()
+        for name, module in model.named_modules():
+            if isinstance(module, NeuronSelectLayer) and adapter_name in module.neuron_select_indices:
+                for attr in ("neuron_select_delta", "neuron_select_indices", "neuron_select_bias_delta"):
+                    if adapter_name in getattr(module, attr):
+                        allowed.add(plain(f"{name}.{attr}.{adapter_name}"))
+            elif isinstance(module, AuxiliaryTrainingWrapper):
+                allowed.update(plain(f"{name}.{k}") for k in module.adapter_state_dict_load_map(adapter_name).values())
+        embedding_layers = []
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            with contextlib.suppress(AttributeError, NotImplementedError):
+                embedding_layers.append(getattr(model, getter)())
+        embedding_ids = {id(layer) for layer in embedding_layers if layer is not None}
+        embedding_prefixes = tuple(plain(f"{n}.") for n, m in model.named_modules() if id(m) in embedding_ids)
+        foreign = sorted(
+            key
+            for key in state_dict
+            if plain(key) not in allowed and not (embedding_prefixes and plain(key).startswith(embedding_prefixes))
+        )
+        if foreign:
+            more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+            shown = ", ".join(repr(plain(k)) for k in foreign[:5]) + more
+            raise AdapterFileError(
+                f"adapter file for adapter {adapter_name!r} holds {len(foreign)} tensor(s) that are not NeuronSelect "
+                f"tensors of this model (base-model weights or another method's tensors): {shown}. Refusing to load "
+                "it: PEFT would silently overwrite the base weights with them or ignore them."
+            )
 
     # ------------------------------------------------------------------ reporting
     def selection_summary(self, adapter_name: Optional[str] = None) -> dict:

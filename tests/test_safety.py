@@ -335,3 +335,77 @@ def test_benchmark_outputs_follow_the_same_rule(tmp_path, capsys):
         speed.main(["--preset", "tiny", "--json", str(busy / "results.json")], log=lambda s: None)
     assert exit_.value.code == 2 and "--json" in capsys.readouterr().err
     assert tree_digest(tmp_path) == before
+
+
+# ---------------------------------------------------------------------------------------------------- adapter files
+def _saved_adapter(folder: Path, **config):
+    from conftest import TARGETS, tiny_llama
+    from peft import get_peft_model
+
+    from neuron_peft import NeuronSelectConfig
+
+    config = {"target_modules": TARGETS["llama"], "neuron_ratio": 0.25, "init_weights": False, **config}
+    model = get_peft_model(tiny_llama(), NeuronSelectConfig(**config))
+    model.save_pretrained(folder)
+    return model
+
+
+def test_adapter_file_with_base_weights_is_refused(tmp_path):
+    """Before: PEFT loaded with strict=False, so `model.norm.weight` in the file silently replaced the base weight."""
+    from conftest import tiny_llama
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    from neuron_peft.registration import AdapterFileError
+
+    _saved_adapter(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors["base_model.model.model.norm.weight"] = torch.zeros(32)
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"] = torch.zeros(32, 32)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    base = tiny_llama()
+    reference = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(
+        AdapterFileError,
+        match=r"2 tensor\(s\).*'model.layers.0.self_attn.q_proj.base_layer.weight', 'model.norm.weight'",
+    ):
+        PeftModel.from_pretrained(base, tmp_path)
+    torch.testing.assert_close(base.model.norm.weight, reference["model.norm.weight"], rtol=0, atol=0)
+
+
+def test_lora_file_relabelled_as_neuron_select_is_refused(tmp_path):
+    """Before: a LoRA file whose peft_type was edited failed on a missing NeuronSelect tensor, never naming the
+    LoRA keys it carried."""
+    from conftest import TARGETS, tiny_llama
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from neuron_peft.registration import AdapterFileError
+
+    lora = get_peft_model(tiny_llama(), LoraConfig(target_modules=TARGETS["llama"], r=2))
+    lora.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["peft_type"] = "NEURON_SELECT"
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterFileError, match=r"16 tensor\(s\).*lora_A.weight"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_adapter_files_peft_writes_still_load(tmp_path):
+    """What PEFT itself writes for the adapter loads: lm_head targeted (PEFT saves the head), modules_to_save."""
+    from conftest import tiny_llama
+    from peft import PeftModel
+
+    from neuron_peft.registration import AdapterFileError
+
+    for sub, extra in [("head", {"target_modules": ["q_proj", "lm_head"]}), ("mts", {"modules_to_save": ["norm"]})]:
+        trained = _saved_adapter(tmp_path / sub, **extra)
+        with torch.no_grad():
+            for p in trained.parameters():
+                if p.requires_grad:
+                    p.add_(0.01)
+        trained.save_pretrained(tmp_path / sub)
+        loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / sub)
+        ids = torch.arange(1, 9).unsqueeze(0)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=ids).logits, trained(input_ids=ids).logits)
+    assert issubclass(AdapterFileError, ValueError)
