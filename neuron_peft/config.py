@@ -15,20 +15,35 @@ from peft.config import PeftConfig
 NEURON_INIT_CHOICES = ("magnitude", "random")
 
 
+def _is_bool(value) -> bool:
+    """Python, numpy and torch booleans (a 0-d torch bool tensor passes ``operator.index`` as 0/1)."""
+    return isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
+
+
 def _check_rows(where: str, rows) -> list[int]:
+    """Row indices as plain ints, or a clear error quoting the value actually given.
+
+    Floats and booleans are refused, never converted: ``torch.as_tensor([1.7], dtype=torch.long)`` silently gives
+    row 1 and a boolean mask ``[True, False]`` would become rows 1 and 0; a negative index would pick a row counted
+    from the end.
+    """
     if isinstance(rows, (str, bytes)) or not hasattr(rows, "__iter__"):
         raise TypeError(f"{where}: rows must be a list of integers, got {type(rows).__name__}")
+    if _is_bool(rows):
+        raise TypeError(
+            f"{where}: rows are booleans ({rows!r}); pass row indices (e.g. mask.nonzero().flatten()), not a mask"
+        )
     out = []
     for r in rows:
+        if _is_bool(r):
+            raise TypeError(f"{where}: row index {r!r} is a boolean, not an integer index")
         try:
-            if isinstance(r, bool):
-                raise TypeError
-            r = operator.index(r)
+            index = operator.index(r)
         except TypeError:
             raise TypeError(f"{where}: row index {r!r} is not an integer") from None
-        if r < 0:
-            raise ValueError(f"{where}: row index {r} is negative")
-        out.append(r)
+        if index < 0:
+            raise ValueError(f"{where}: row index {r!r} is negative")
+        out.append(index)
     if len(set(out)) != len(out):
         dup = sorted({r for r in out if out.count(r) > 1})
         raise ValueError(f"{where}: duplicate row indices {dup[:10]}")

@@ -17,7 +17,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_quantization_kwargs
 from torch import nn
 
-from .config import NeuronSelectConfig
+from .config import NeuronSelectConfig, _check_rows
 from .layer import Linear, NeuronSelectLayer
 from .registration import PREFIX, AdapterFileError
 from .routing import GroupsPreHook, RouteState
@@ -152,6 +152,12 @@ class NeuronSelectModel(BaseTuner):
     def _resolve_rows(self, config: NeuronSelectConfig, name: str, base: nn.Module):
         layer_out = _out_features(base, name)
         explicit = config.rows_for(name)
+        if explicit is not None:  # validated again: the config's dicts may have been edited after construction
+            agnostic, specific = explicit
+            explicit = (
+                _check_rows(f"neurons[{name!r}]", agnostic),
+                [(g, _check_rows(f"language_neurons[{g!r}][{name!r}]", r)) for g, r in specific],
+            )
         if explicit is None:
             k = max(1, int(round(config.neuron_ratio * layer_out)))
             weight = _weight_rows(base, name)

@@ -409,3 +409,49 @@ def test_adapter_files_peft_writes_still_load(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(loaded(input_ids=ids).logits, trained(input_ids=ids).logits)
     assert issubclass(AdapterFileError, ValueError)
+
+
+# ------------------------------------------------------------------------------------------------------ row indices
+Q0 = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (torch.tensor([True, False, True]), "rows are booleans"),  # before: accepted as rows [0, 1]
+        ([torch.tensor(True)], "row index tensor(True) is a boolean"),  # before: accepted as row 1
+        ([True, 2], "row index True is a boolean"),
+        ([2.0], "row index 2.0 is not an integer"),  # a float, even a whole one, is refused
+        ([1.7], "row index 1.7 is not an integer"),
+        (torch.tensor([1.7, 3.0]), "row index tensor(1.7000) is not an integer"),
+        ([-1, 3], "row index -1 is negative"),
+        (torch.tensor([4, -2]), "row index tensor(-2) is negative"),
+    ],
+)
+def test_bad_row_indices_are_refused_with_the_value_given(rows, message):
+    from neuron_peft import NeuronSelectConfig
+
+    for kwargs in ({"neurons": {Q0: rows}}, {"language_neurons": {"fr": {Q0: rows}}}):
+        with pytest.raises((TypeError, ValueError), match=message.replace("(", r"\(").replace(")", r"\)")):
+            NeuronSelectConfig(target_modules=["q_proj"], **kwargs)
+
+
+def test_rows_edited_into_a_config_after_construction_are_checked_at_injection():
+    """Before: `config.neurons[name] = [2.5]` trained row 2 (torch.tensor truncates) and [-1] the last row."""
+    from conftest import tiny_llama
+    from peft import get_peft_model
+
+    from neuron_peft import NeuronSelectConfig
+
+    for rows, message in [([2.5], "row index 2.5 is not an integer"), ([-1], "row index -1 is negative"),
+                          ([False], "row index False is a boolean")]:  # fmt: skip
+        config = NeuronSelectConfig(target_modules=["q_proj"], neurons={Q0: [1]})
+        config.neurons[Q0] = rows
+        with pytest.raises((TypeError, ValueError), match=rf"neurons\['{Q0}'\]: {message}".replace(".", r"\.")):
+            get_peft_model(tiny_llama(), config)
+        config = NeuronSelectConfig(target_modules=["q_proj"], language_neurons={"fr": {Q0: [1]}})
+        config.language_neurons["fr"][Q0] = rows
+        with pytest.raises(
+            (TypeError, ValueError), match=rf"language_neurons\['fr'\]\['{Q0}'\]: {message}".replace(".", r"\.")
+        ):
+            get_peft_model(tiny_llama(), config)
