@@ -160,9 +160,33 @@ class GroupsPreHook:
         for fallback in (self.state.call_groups, self.state.context_groups):
             if groups is None:
                 groups = fallback
+        if groups is not None and not isinstance(groups, str) and torch.is_grad_enabled():
+            _check_batch_size(groups, args, kwargs)
         self.state.set(groups)
         self.state.set_packed(module, kwargs)
         return args, kwargs
+
+
+# the model inputs whose first dimension is the number of samples, in the order they are looked for
+_BATCH_INPUTS = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")
+
+
+def _check_batch_size(groups: Sequence[str], args: tuple, kwargs: dict) -> None:
+    """One group name per sample: a list of another length would route by the wrong samples (or, before this check,
+    silently give the language rows no gradient). Only checked when gradients are on: routing changes gradients
+    only, and generation (beam search expands the batch) may keep a `route()` block's groups."""
+    found = [(k, kwargs[k]) for k in _BATCH_INPUTS if isinstance(kwargs.get(k), torch.Tensor)]
+    if not found and args and isinstance(args[0], torch.Tensor):
+        found = [("the first positional input", args[0])]
+    if not found or found[0][1].dim() < 2:  # no batch axis to compare with (e.g. a single unbatched sample)
+        return
+    name, tensor = found[0]
+    n_groups, batch = len(groups), tensor.shape[0]
+    if n_groups != batch:
+        raise RoutingError(
+            f"neuron_groups has {n_groups} group name(s) but the batch has {batch} samples ({name} has shape "
+            f"{tuple(tensor.shape)}); give exactly one group name per sample"
+        )
 
 
 def route_state(model) -> RouteState:

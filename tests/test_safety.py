@@ -455,3 +455,30 @@ def test_rows_edited_into_a_config_after_construction_are_checked_at_injection()
             (TypeError, ValueError), match=rf"language_neurons\['fr'\]\['{Q0}'\]: {message}".replace(".", r"\.")
         ):
             get_peft_model(tiny_llama(), config)
+
+
+# ---------------------------------------------------------------------------------------------------------- routing
+def test_neuron_groups_of_the_wrong_length_raise():
+    """Before: 3 names for 4 samples only warned, and the language rows silently got no gradient."""
+    from conftest import routed_llama_config, tiny_llama
+    from peft import get_peft_model
+
+    import neuron_peft
+    from neuron_peft import RoutingError
+
+    model = get_peft_model(tiny_llama(), routed_llama_config())
+    ids = torch.randint(1, 90, (4, 6), generator=torch.Generator().manual_seed(0))
+    match = r"neuron_groups has 3 group name\(s\) but the batch has 4 samples \(input_ids has shape \(4, 6\)\)"
+    with pytest.raises(RoutingError, match=match):
+        model(input_ids=ids, neuron_groups=["fr", "de", "fr"])
+    with pytest.raises(RoutingError, match=match):
+        with neuron_peft.route(model, ["fr", "de", "fr"]):
+            model(input_ids=ids)
+    with pytest.raises(RoutingError, match="has 1 group name"):
+        model(ids, neuron_groups=["fr"])  # positional input_ids, one name for a mixed batch of 4
+    model(input_ids=ids, neuron_groups=["fr", "de", "fr", "de"]).logits.sum().backward()  # the right length works
+    grads = [m.neuron_select_delta["default"].grad for m in model.modules() if hasattr(m, "neuron_select_delta")]
+    assert grads and all(g is not None for g in grads)
+    with torch.no_grad(), neuron_peft.route(model, ["fr", "de", "fr", "de"]):  # generation expands the batch
+        out = model.generate(input_ids=ids, max_new_tokens=2, num_beams=2, do_sample=False)
+    assert out.shape == (4, 8)
