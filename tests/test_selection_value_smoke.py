@@ -1,0 +1,107 @@
+"""Smoke test of benchmarks/selection_value.py on a tiny random Llama with fake data: every method's code path,
+matched budgets, the learning-rate search, the statistics against hand-computed values, output-folder refusal and
+resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import load_benchmark
+
+
+@pytest.fixture(scope="module")
+def sv():
+    return load_benchmark("selection_value")
+
+
+@pytest.fixture(scope="module")
+def run(sv, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sv") / "out"
+    lines: list[str] = []
+    results = sv.main(["--preset", "tiny", "--out", str(out)], log=lines.append)
+    return results, out, "\n".join(lines)
+
+
+def test_every_planned_method_was_tested(sv, run):
+    results, out, _ = run
+    p = sv.PRESETS["tiny"]
+    for nr in p.budgets:
+        for method in sv.methods_for(p, nr):
+            pkey = f"{'-' if method == 'full' else nr}|{method}"
+            pick = results["picked"][pkey]
+            row = results["runs"][sv.run_key(nr, method, 0, pick["lr"])]
+            assert math.isfinite(row["test_nll"]) and row["trainable"] > 0, pkey
+            assert len(row["test"]) == 2 * p.n_test and len(row["english"]) == p.n_forget, pkey
+    assert (out / "selection_value.md").is_file() and (out / "selection_value_nll.png").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["budgets"]) == {"0.25", "1.0"}
+    assert "taylor" in (out / "selection_value.md").read_text()
+
+
+def test_methods_are_matched_to_the_taylor_budget(sv, run):
+    results, _, _ = run
+    for nr in ("0.25", "1.0"):
+        info = results["budgets"][nr]
+        budget = info["budget_weights"]
+        got = {k.split("|")[1]: r["trainable"] for k, r in results["runs"].items()
+               if k.startswith(nr + "|") and "test" in r}  # fmt: skip
+        assert got["taylor"] == budget  # the tiny Llama has no biases: trainable = selected rows x inputs
+        for m in ("taylor-agnostic", "taylor-per-layer", "taylor-global-rank", "random-layers", "random-all"):
+            if m in got:  # per-layer rounding and whole rows: within 5% of the budget
+                assert abs(got[m] - budget) <= 0.05 * budget, (nr, m, got[m], budget)
+        # LoRA: r * sum(in + out) over the 14 linear layers of the tiny Llama: per block q 32+32, k 32+16, v 32+16,
+        # o 32+32, gate 32+64, up 32+64, down 64+32 = 512, two blocks = 1024 per rank
+        assert info["lora_rank"] == max(1, round(budget / 1024))
+        assert got["lora"] == info["lora_rank"] * 1024
+
+
+def test_lr_search_extends_until_interior():
+    sv = load_benchmark("selection_value")
+    calls = []
+
+    def dev(optimum):
+        def f(lr):
+            calls.append(lr)
+            return (math.log10(lr) - math.log10(optimum)) ** 2
+
+        return f
+
+    best, grid, _, edge = sv.pick_lr([1e-4, 3e-4, 1e-3], dev(1e-3 * 9), 3.0, 2)  # best is two steps above
+    assert best == pytest.approx(9e-3) and grid == pytest.approx([1e-4, 3e-4, 1e-3, 3e-3, 9e-3]) and edge
+    calls.clear()
+    best, grid, _, edge = sv.pick_lr([1e-4, 3e-4, 1e-3], dev(1e-4 / 3), 3.0, 2)  # one step below: found, interior
+    assert best == pytest.approx(1e-4 / 3) and not edge
+    assert calls == pytest.approx([1e-4, 3e-4, 1e-3, 1e-4 / 3, 1e-4 / 9])  # one more below shows it is interior
+    best, _, _, _ = sv.pick_lr([1e-4, 3e-4, 1e-3], lambda lr: math.inf if lr > 2e-4 else 1.0 / lr, 3.0, 0)
+    assert best == 1e-4  # diverged runs never win
+
+
+def test_statistics_against_hand_values():
+    sv = load_benchmark("selection_value")
+    per = [[2.0, 1.0], [4.0, 3.0], [9.0, 3.0]]  # [summed NLL, tokens]
+    groups = ["a", "a", "b"]
+    assert sv.macro_nll(per, groups) == pytest.approx(((2 + 4) / 4 + 9 / 3) / 2)
+    mean, half = sv.seed_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    d = sv.paired_bootstrap(per, [[s - 0.5 * c, c] for s, c in per], groups, n_samples=200)
+    assert d["delta"] == pytest.approx(0.5) and d["ci"] == pytest.approx([0.5, 0.5])  # constant shift: no spread
+    assert sv.lora_rank(2560 * 3 + 1000, {"x": (2000, 560)}) == 3
+
+
+def test_refuses_a_non_empty_out_and_resumes(sv, run):
+    from neuron_peft.fileio import OutputPathError
+
+    results, out, _ = run
+    with pytest.raises(OutputPathError, match="not empty"):
+        sv.main(["--preset", "tiny", "--out", str(out)], log=lambda s: None)
+    before = {k: dict(v) for k, v in results["runs"].items()}
+    lines: list[str] = []
+    again = sv.main(["--preset", "tiny", "--out", str(out), "--resume", "--budgets", "0.25", "--seeds", "0,1",
+                     "--methods", "taylor,random-all"], log=lines.append)  # fmt: skip
+    new = sorted(set(again["runs"]) - set(before))
+    assert new == ["0.25|random-all|1|0.01", "0.25|taylor|1|0.01"]  # only the new seed trained
+    for k, v in before.items():  # reused as they were (zero-shot included), not recomputed
+        assert again["runs"][k].get("dev_nll") == v.get("dev_nll") and again["runs"][k]["test"] == v["test"], k
+    assert "resuming" in "\n".join(lines)
