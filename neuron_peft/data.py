@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Mapping, Optional, Sequence
 
+from transformers import DataCollatorForSeq2Seq
+
 IGNORE_INDEX = -100
 
 TRANSLATION_TEMPLATE = "Translate the text from {src} into {tgt}. {src}: {text} {tgt}:"
@@ -298,6 +300,9 @@ def encode_example(
 ) -> Optional[dict]:
     """Token ids for prompt + ``" " + target`` + EOS, with labels = -100 everywhere except the answer.
 
+    The sample's group is stored twice: as ``group`` (kept for existing code) and as ``neuron_groups``, the name of
+    the adapted model's keyword, so transformers' ``Trainer`` keeps it with its default ``remove_unused_columns=True``.
+
     Prompt and answer are tokenized separately (BOS only on the prompt) so training sees exactly the prompt ids
     that generation will see. Too-long examples lose the tail of the answer (and its EOS: a cut answer must not
     teach the model to stop); if not even one answer token fits, raise or, with ``on_overflow="skip"``, return None.
@@ -323,6 +328,7 @@ def encode_example(
         "attention_mask": [1] * (len(prompt) + len(answer)),
         "labels": [IGNORE_INDEX] * len(prompt) + answer,
         "group": ex.group,
+        GROUPS_COLUMN: ex.group,  # named like the model's keyword, so Trainer's remove_unused_columns keeps it
     }
 
 
@@ -341,11 +347,47 @@ def _pad_id(tokenizer) -> int:
     return pad
 
 
-class TranslationCollator:
-    """Pads encoded examples (right padding: training) and adds ``neuron_groups``, the group of each sample.
+GROUPS_COLUMN = "neuron_groups"  # per-sample column name that Trainer keeps (the adapted model's forward declares it)
+GROUP_COLUMNS = (GROUPS_COLUMN, "group")  # where a collator looks for a sample's group, in this order
 
-    ``neuron_groups`` is what the NeuronSelect adapter routes language-specific rows by; `groups`, when given,
-    lists the groups the adapter knows, so a typo fails here instead of silently training only shared rows.
+_MISSING_GROUPS = (
+    "the batch has no group for sample(s) {missing}: the features carry neither a 'neuron_groups' nor a 'group' "
+    "entry. transformers.Trainer with TrainingArguments(remove_unused_columns=True) (the default) drops dataset "
+    "columns the model's forward does not declare: name the column 'neuron_groups' (encode_example does; the "
+    "adapted model declares that keyword), or pass remove_unused_columns=False, or use "
+    "neuron_peft.training.NeuronSelectTrainer. To train shared rows only, build the collator with return_groups=False."
+)
+
+
+def feature_groups(features: Sequence[Mapping[str, Any]], known: Optional[Sequence[str]] = None) -> list[str]:
+    """Each feature's group (from ``neuron_groups``, else ``group``), with a clear error when any is missing or
+    (given `known`) not one of the adapter's groups."""
+    names = [next((f[k] for k in GROUP_COLUMNS if f.get(k) is not None), None) for f in features]
+    missing = [i for i, g in enumerate(names) if g is None]
+    if missing:
+        raise ValueError(_MISSING_GROUPS.format(missing=missing[:8]))
+    if known is not None:
+        unknown = sorted({g for g in names if g not in known}, key=str)
+        if unknown:
+            raise ValueError(f"samples of unknown group(s) {unknown}; known groups: {sorted(known)}")
+    return [str(g) for g in names]
+
+
+class TranslationCollator(DataCollatorForSeq2Seq):
+    """transformers' `DataCollatorForSeq2Seq` that also returns ``neuron_groups``, the group of each sample.
+
+    Padding is the parent's: ``input_ids`` / ``attention_mask`` through ``tokenizer.pad``, labels with -100, to the
+    longest sample (or a multiple of `pad_to_multiple_of`). What this subclass adds:
+
+    - ``neuron_groups``: what the NeuronSelect adapter routes language-specific rows by, read from each feature's
+      ``neuron_groups`` or ``group`` entry; `groups`, when given, lists the groups the adapter knows, so a typo fails
+      here instead of silently training only shared rows. A missing group is an error that says which column and
+      Trainer setting to use.
+    - its own `padding_side` ("right" for training, "left" for generation prompts) and, for tokenizers without a pad
+      token, EOS as padding, both on a private copy of the tokenizer (the caller's is never changed).
+    - features without ``labels`` get ``labels = input_ids`` (padding still -100); string entries other than the
+      group (e.g. raw ``src`` text kept by ``remove_unused_columns=False``) are dropped instead of reaching the
+      tokenizer.
     """
 
     def __init__(
@@ -357,41 +399,40 @@ class TranslationCollator:
         return_groups: bool = True,
         padding_side: str = "right",
     ):
+        import copy
+
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        self.pad_id = _pad_id(tokenizer)
+        pad_id = _pad_id(tokenizer)
+        if tokenizer.pad_token_id is None:
+            # setting pad_token on a shallow copy would change the caller's tokenizer (shared special-token state)
+            tokenizer = copy.deepcopy(tokenizer)
+            tokenizer.pad_token = tokenizer.eos_token
+        else:
+            tokenizer = copy.copy(tokenizer)
+        tokenizer.padding_side = padding_side
+        super().__init__(
+            tokenizer=tokenizer, pad_to_multiple_of=pad_to_multiple_of, label_pad_token_id=IGNORE_INDEX,
+            return_tensors="pt",
+        )  # fmt: skip
+        self.pad_id = pad_id
         self.groups = None if groups is None else set(groups)
-        self.pad_to_multiple_of = pad_to_multiple_of
         self.return_groups = return_groups
         self.padding_side = padding_side
 
-    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict:
-        import torch
-
+    def __call__(self, features: Sequence[Mapping[str, Any]], return_tensors=None) -> dict:
         if not features:
             raise ValueError("cannot collate an empty batch")
-        length = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        cols: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
+        names = feature_groups(features, self.groups) if self.return_groups else None
+        plain = []
         for f in features:
-            n = length - len(f["input_ids"])
-            labels = f.get("labels", f["input_ids"])
-            for key, values, fill in (
-                ("input_ids", f["input_ids"], self.pad_id),
-                ("attention_mask", f.get("attention_mask", [1] * len(f["input_ids"])), 0),
-                ("labels", labels, IGNORE_INDEX),
-            ):
-                values = list(values)
-                cols[key].append(values + [fill] * n if self.padding_side == "right" else [fill] * n + values)
-        batch = {k: torch.tensor(v, dtype=torch.long) for k, v in cols.items()}
-        if self.return_groups:
-            names = [f.get("group") for f in features]
-            if self.groups is not None:
-                unknown = sorted({g for g in names if g not in self.groups}, key=str)
-                if unknown:
-                    raise ValueError(f"samples of unknown group(s) {unknown}; known groups: {sorted(self.groups)}")
-            batch["neuron_groups"] = names
+            f = {k: v for k, v in f.items() if k not in GROUP_COLUMNS and not isinstance(v, str)}
+            if "labels" not in f and "label" not in f:
+                f["labels"] = list(f["input_ids"])
+            plain.append(f)
+        batch = dict(super().__call__(plain, return_tensors=return_tensors))
+        if names is not None:
+            batch[GROUPS_COLUMN] = names
         return batch
 
 
@@ -435,12 +476,21 @@ def generation_prompts(
         for ex in examples
     ]  # fmt: skip
     batch = TranslationCollator(tokenizer, return_groups=return_groups, padding_side="left")(feats)
-    batch.pop("labels")
+    batch.pop("labels", None)
     return batch
 
 
 class _StopAtNewline:
-    """Stopping criterion: a row is done once its new text holds a newline (few-shot answers end with one)."""
+    """Stopping criterion: a row is done once its new text holds a newline (few-shot answers end with one).
+
+    Kept instead of ``generate(stop_strings=["\\n"], tokenizer=...)`` (transformers' ``StopStringCriteria``), which
+    stops at the same step (tests/test_data.py checks it on the same model) but, in transformers 5.23, costs 7-10 s
+    per ``generate`` call for Gemma 3's 262,144-token vocabulary on this project's CPU: it rebuilds its token tables
+    on every call because its cache key is the vocabulary in ``get_vocab()`` order, which changes from call to call
+    for fast tokenizers, so the cache never hits (minutes per benchmark run). It also cannot preprocess word-level
+    vocabularies that do not round-trip the string "abcdef" (``ValueError: substring not found``). Decoding the new
+    tokens of 8 rows per step costs well under a millisecond.
+    """
 
     def __init__(self, tokenizer, prompt_len: int):
         self.tokenizer, self.prompt_len = tokenizer, prompt_len
