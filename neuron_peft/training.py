@@ -1,8 +1,11 @@
 """Training integration: transformers `Trainer` and a plain accelerate loop, both with language routing.
 
-Routing needs one thing from the training stack: the batch's ``neuron_groups`` list must reach
-``model(**batch)``. `TranslationCollator` produces it; Trainer's default ``remove_unused_columns`` would strip the
-dataset's group column before the collator sees it, so `NeuronSelectTrainer` turns that off. Checkpoints hold the
+Routing needs one thing from the training stack: each batch's ``neuron_groups`` list must reach ``model(**batch)``.
+`neuron_peft.data.TranslationCollator` builds it from each sample's ``neuron_groups`` (or ``group``) entry. A plain
+``transformers.Trainer`` with default arguments works: ``remove_unused_columns=True`` keeps the columns named like the
+forward parameters of ``peft_model.get_base_model()``, and the adapted model declares ``neuron_groups`` there
+(`neuron_peft.registration.ForwardWithGroups`); `neuron_peft.data.encode_example` names the column so.
+`NeuronSelectTrainer` additionally keeps datasets whose group column is called ``group``. Checkpoints hold the
 adapter only, because Trainer saves a PeftModel through ``save_pretrained``.
 """
 
@@ -14,13 +17,18 @@ from collections.abc import Iterable
 from typing import Callable, Optional
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, get_cosine_schedule_with_warmup
 
 IGNORE_INDEX = -100
 
 
 class NeuronSelectTrainer(Trainer):
-    """`transformers.Trainer` that keeps the ``neuron_groups`` column so language-specific rows are routed."""
+    """`transformers.Trainer` that keeps every dataset column for the collator, so a ``group`` column survives too.
+
+    A plain Trainer already keeps a ``neuron_groups`` column (the adapted model declares that keyword); this subclass
+    sets ``remove_unused_columns=False`` (with a warning) so datasets that name the column ``group`` are routed as
+    well, and ``label_names=["labels"]``.
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -73,7 +81,7 @@ def train_loop(
     on_step: Optional[Callable[[int, float], None]] = None,
     loss_fn: Optional[Callable[[torch.nn.Module, dict], torch.Tensor]] = None,
 ) -> list[float]:
-    """A plain accelerate loop (AdamW, cosine schedule with warm-up), routing by each batch's ``neuron_groups``.
+    """A plain accelerate loop (AdamW, transformers' cosine schedule with warm-up), routing by ``neuron_groups``.
 
     Only parameters with ``requires_grad`` are optimised; returns the loss of every optimizer step.
     ``loss_fn(model, batch)`` defaults to ``model(**batch).loss``; `answer_loss` is a faster equivalent for
@@ -87,14 +95,9 @@ def train_loop(
     if not params:
         raise ValueError("train_loop: the model has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    warmup = max(1, int(round(warmup_ratio * steps)))
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    # transformers' schedule, with warm-up steps counted as TrainingArguments(warmup_ratio=...) counts them, so this
+    # loop and Trainer(lr_scheduler_type="cosine") follow the same learning rates step by step
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * steps), steps)
     model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
     model.train()
     losses: list[float] = []
