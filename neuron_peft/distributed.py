@@ -5,7 +5,8 @@
   call; the DTensor shards are never written. ZeRO-3 partitioned parameters take the additive path.
 * `select_neurons` all-reduces its score accumulators (`all_reduce_sum`), so every rank selects the same rows;
   on sharded models the ranks step through the calibration batches in lockstep (`needs_lockstep`).
-* `gathered_parameters` gathers ZeRO-3 partitioned parameters for reading (weight-based ``neuron_init``).
+* `gathered_parameters` gathers ZeRO-3 partitioned parameters for reading (weight-based ``neuron_init``), through
+  PEFT's ``gather_params_ctx``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor], dtype: torch.dtype = torch.f
 
     Without an initialised multi-process group the tensors are returned unchanged. Sums are taken in `dtype`
     (float64: exact for the counts, and the order of addition barely matters for the scores).
+
+    Not ``accelerate.utils.reduce``: it asks accelerate's ``PartialState`` whether the run is distributed, which is
+    read from launcher environment variables, not from the process group that exists. In processes started with
+    ``torch.multiprocessing.spawn`` + ``init_process_group`` (this project's tests; plain-torch users) it reports
+    ``DistributedType.NO`` and returns each rank's own tensor unreduced (checked with 2 gloo processes: sum of
+    1 and 2 came back as 1 and 2), so ranks would silently select different rows. Creating ``PartialState`` can also
+    initialise a process group as a side effect, and it reduces one collective per tensor instead of one in all.
     """
     tensors = list(tensors)
     if not is_distributed() or not tensors:
@@ -86,17 +94,21 @@ def needs_lockstep(model: nn.Module) -> bool:
 def gathered_parameters(params: Iterable[torch.Tensor]):
     """Gather ZeRO-3 partitioned parameters for reading inside the block (a no-op for any other parameter).
 
-    Uses ``deepspeed.zero.GatheredParameters`` (read-only: ``modifier_rank=None``). Not tested here: DeepSpeed
-    needs an accelerator this project's CI does not have.
+    PEFT's ``gather_params_ctx`` (read-only: ``modifier_rank=None``), the helper PEFT's own tuners use. It gathers
+    only when transformers' DeepSpeed integration reports ZeRO-3 (``is_deepspeed_zero3_enabled()``); partitioned
+    parameters without it (DeepSpeed driven by hand) would be read as empty shards, so that case is an error.
+    Not tested with DeepSpeed here: it needs an accelerator this project's CI does not have.
     """
-    params = [p for p in params if p is not None]
-    zero3 = [p for p in params if hasattr(p, "ds_id")]
-    if not zero3:
-        yield
-        return
-    import deepspeed  # only reachable when DeepSpeed created the parameters
+    from peft.utils.integrations import check_deepspeed_zero3_enabled, gather_params_ctx
 
-    with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None):
+    params = [p for p in params if p is not None]
+    if any(hasattr(p, "ds_id") for p in params) and not check_deepspeed_zero3_enabled():
+        raise RuntimeError(
+            "these parameters are partitioned by DeepSpeed ZeRO-3, but transformers' DeepSpeed integration is not "
+            "active (transformers.integrations.is_deepspeed_zero3_enabled() is False), so they cannot be gathered: "
+            "create the model under Trainer / accelerate with a ZeRO-3 config (or HfDeepSpeedConfig)"
+        )
+    with gather_params_ctx(params, modifier_rank=None):
         yield
 
 
