@@ -107,6 +107,43 @@ def test_collator_pads_right_and_keeps_groups(tok):
         D.TranslationCollator(tok, groups=["en-fr"])(feats)
 
 
+def test_collator_is_transformers_seq2seq_collator_plus_groups(tok):
+    """Same tensors as transformers' DataCollatorForSeq2Seq on the features without their group entries."""
+    from transformers import DataCollatorForSeq2Seq
+
+    feats = D.encode_examples(tok, [EX, EX_DE, EX], max_length=64)
+    assert all(f["neuron_groups"] == f["group"] for f in feats)  # the column Trainer keeps, and the old name
+    plain = [{k: v for k, v in f.items() if k not in ("group", "neuron_groups")} for f in feats]
+    for kwargs in ({}, {"pad_to_multiple_of": 8}):
+        ours = D.TranslationCollator(tok, **kwargs)(feats)
+        ref = DataCollatorForSeq2Seq(tok, **kwargs)(plain)
+        assert set(ours) == set(ref) | {"neuron_groups"}
+        for key in ref:
+            assert torch.equal(ours[key], ref[key]), key
+
+
+def test_collator_says_which_column_and_setting_when_groups_are_missing(tok):
+    feats = D.encode_examples(tok, [EX, EX_DE], max_length=64)
+    stripped = [{k: v for k, v in f.items() if k in ("input_ids", "attention_mask", "labels")} for f in feats]
+    with pytest.raises(ValueError, match=r"sample\(s\) \[0, 1\].*'neuron_groups'.*remove_unused_columns"):
+        D.TranslationCollator(tok)(stripped)
+    legacy = [{**f, "group": g} for f, g in zip(stripped, ["en-fr", "en-de"])]  # only the old column name
+    assert D.TranslationCollator(tok)(legacy)["neuron_groups"] == ["en-fr", "en-de"]
+    assert "neuron_groups" not in D.TranslationCollator(tok, return_groups=False)(stripped)
+
+
+def test_collator_never_changes_the_callers_tokenizer(tok):
+    """Left padding and EOS-as-pad live on the collator's own copy of the tokenizer."""
+    no_pad = make_tokenizer()
+    no_pad.pad_token = None
+    feats = D.encode_examples(tok, [EX, EX_DE], max_length=64)
+    batch = D.TranslationCollator(no_pad, padding_side="left")(feats)
+    assert no_pad.pad_token_id is None and no_pad.padding_side == "right"
+    assert batch["input_ids"][1, :2].tolist() == [tok.eos_token_id] * 2  # padded on the left with EOS
+    assert batch["labels"][1, :2].tolist() == [IGNORE_INDEX] * 2
+    assert batch["input_ids"][1, 2:].tolist() == feats[1]["input_ids"]
+
+
 def test_calibration_batches_are_per_group(tok):
     exs = [EX, EX_DE, EX, EX, ParallelExample("hello " * 40, "le", "en-de", "en", "de")]
     batches = D.calibration_batches(tok, exs, batch_size=2, max_length=32)
@@ -172,6 +209,41 @@ def test_stop_criterion_is_per_row(tok):
     stop = D._StopAtNewline(tok, prompt_len=1)
     done = stop(torch.tensor([[1, 5, newline], [1, 5, 6]]), None)
     assert done.tolist() == [True, False]
+
+
+def test_stop_at_newline_stops_where_transformers_stop_strings_stops(tok):
+    """translate's own stop criterion against generate(stop_strings=["\\n"], tokenizer=...) on the same greedy model:
+    identical token ids, row by row (rows stop at different steps; finished rows are padded the same way)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteriaList
+
+    tok2 = make_tokenizer()
+    tok2.add_tokens(["abcdef"])  # transformers' StopStringCriteria needs the tokenizer to round-trip "abcdef"
+    newline = tok2.convert_tokens_to_ids("\n")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok2), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    batch = D.generation_prompts(tok2, [EX, EX_DE, ParallelExample("world", "monde", "en-fr", "en", "fr")])
+    common = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok2.pad_token_id, eos_token_id=tok2.eos_token_id)
+    prompt_len = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        free = model.generate(**batch, **common)[:, prompt_len:]
+        # swap the output rows of the newline and of a token that some rows generate and others do not: those rows
+        # now emit a newline where they emitted that token, so they stop there and the others run on
+        token = next(int(t) for t in free.flatten() if 0 < sum(int(t) in row.tolist() for row in free) < len(free))
+        w = model.lm_head.weight
+        w[[newline, token]] = w[[token, newline]]
+        ours = model.generate(
+            **batch, **common, stopping_criteria=StoppingCriteriaList([D._StopAtNewline(tok2, prompt_len)])
+        )
+        theirs = model.generate(**batch, **common, stop_strings=["\n"], tokenizer=tok2)
+    assert torch.equal(ours, theirs)
+    for row, gen in zip(free.tolist(), ours[:, prompt_len:].tolist()):
+        stop = row.index(token) if token in row else None
+        if stop is None:
+            assert gen == row
+        else:
+            assert gen[: stop + 1] == row[:stop] + [newline] and set(gen[stop + 1 :]) <= {tok2.pad_token_id}
 
 
 def test_score_translations():

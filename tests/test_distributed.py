@@ -329,3 +329,44 @@ def test_base_weights_stay_pretrained_through_copies_and_replacement():
     for n, p in model.named_parameters():
         if n in original:
             assert torch.equal(p, original[n]), n  # no live rows leaked into the new weights
+
+
+def test_gathered_parameters_go_through_peft_and_refuse_what_peft_cannot_gather(monkeypatch):
+    """gathered_parameters is PEFT's gather_params_ctx, read-only (modifier_rank=None); DeepSpeed is faked here (it
+    needs an accelerator). Partitioned parameters without transformers' ZeRO-3 integration are an error, not a read
+    of empty shards."""
+    import sys
+    import types
+
+    import peft.utils.integrations as integrations
+
+    from neuron_peft.distributed import gathered_parameters
+
+    plain = torch.nn.Parameter(torch.ones(2))
+    with gathered_parameters([plain, None]):
+        pass
+    partitioned = torch.nn.Parameter(torch.empty(0))
+    partitioned.ds_id = 7
+    with pytest.raises(RuntimeError, match="partitioned by DeepSpeed ZeRO-3.*integration is not active"):
+        with gathered_parameters([partitioned]):
+            pass
+
+    calls = []
+
+    class GatheredParameters:
+        def __init__(self, params, modifier_rank=0, fwd_module=None):
+            calls.append((list(params), modifier_rank))
+
+        def __enter__(self):
+            calls.append("enter")
+
+        def __exit__(self, *exc):
+            calls.append("exit")
+
+    fake = types.ModuleType("deepspeed")
+    fake.zero = types.SimpleNamespace(GatheredParameters=GatheredParameters)
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    monkeypatch.setattr(integrations, "check_deepspeed_zero3_enabled", lambda: True)
+    with gathered_parameters([partitioned, None]):
+        calls.append("read")
+    assert calls == [([partitioned], None), "enter", "read", "exit"]
