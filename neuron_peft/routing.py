@@ -62,6 +62,13 @@ class RouteState:
         if groups is not None:
             if isinstance(groups, str):
                 raise RoutingError("neuron_groups must be a sequence with one group name per sample, not a string")
+            missing = [i for i, g in enumerate(groups) if g is None]
+            if missing:
+                raise RoutingError(
+                    f"neuron_groups has no group for sample(s) {missing[:8]}; with transformers.Trainer, name the "
+                    "dataset's group column 'neuron_groups' (TrainingArguments(remove_unused_columns=True) drops "
+                    "other names) or set remove_unused_columns=False"
+                )
             groups = [str(g) for g in groups]
             if not groups:
                 raise RoutingError("neuron_groups is empty; give one group name per sample")

@@ -194,3 +194,14 @@ def test_groups_keyword_on_other_entry_points(entry, tmp_path):
     ids, groups = micro[0]
     lm_loss(model(input_ids=ids, neuron_groups=groups).logits, ids).backward()
     check_routed_grads(model, ref, micro)
+
+
+def test_missing_group_names_the_column_and_setting():
+    """A batch whose groups came back as None (the column was dropped) is not reported as an unknown group 'None'."""
+    base = make_model("llama")
+    model = get_peft_model(copy.deepcopy(base), routed_config(base, "llama"))
+    ids = batches(1)[0][0]
+    with pytest.raises(
+        RoutingError, match=r"no group for sample\(s\) \[1, 3\].*'neuron_groups'.*remove_unused_columns"
+    ):
+        model(input_ids=ids, neuron_groups=["fr", None, "de", None])
