@@ -10,7 +10,7 @@ register()
 
 from .config import NeuronSelectConfig  # noqa: E402
 from .layer import Linear, NeuronSelectLayer, mark_adapter_updated  # noqa: E402
-from .model import AdapterMismatchError, NeuronSelectModel  # noqa: E402
+from .model import AdapterMismatchError, NeuronSelectModel, NonFiniteDeltaError, allow_nonfinite  # noqa: E402
 from .routing import RoutingError, route  # noqa: E402
 from .selection import NeuronSelection, select_neurons  # noqa: E402
 
@@ -23,6 +23,8 @@ __all__ = [
     "NeuronSelectConfig",
     "NeuronSelectLayer",
     "NeuronSelectModel",
+    "NonFiniteDeltaError",
+    "allow_nonfinite",
     "mark_adapter_updated",
     "NeuronSelection",
     "select_neurons",

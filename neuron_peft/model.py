@@ -27,6 +27,69 @@ class AdapterMismatchError(ValueError):
     """An adapter (config or weights) does not fit the model it is being applied to."""
 
 
+class NonFiniteDeltaError(ValueError):
+    """A delta holds NaN or Inf, so saving or merging it would spread a diverged run into files or base weights."""
+
+
+_ALLOW_NONFINITE = "_neuron_select_allow_nonfinite"
+
+
+@contextlib.contextmanager
+def allow_nonfinite(model: nn.Module):
+    """Let ``save_pretrained`` and merging accept NaN/Inf deltas of `model` inside this block.
+
+    By default both refuse with `NonFiniteDeltaError` naming the parameter, because a NaN written into an adapter
+    file or merged into base weights is silent until someone uses it. Use this to keep a diverged run for
+    inspection::
+
+        with neuron_peft.allow_nonfinite(model):
+            model.save_pretrained("diverged_adapter")
+
+    (``merge_and_unload`` / ``merge_adapter`` also take ``allow_nonfinite=True``.) The flag lives on this model
+    only: no other model is affected, and it is restored when the block ends.
+    """
+    owners = [model, *(m for m in model.modules() if isinstance(m, NeuronSelectModel))]
+    previous = [owner.__dict__.get(_ALLOW_NONFINITE) for owner in owners]
+    for owner in owners:
+        owner.__dict__[_ALLOW_NONFINITE] = True
+    try:
+        yield model
+    finally:
+        for owner, value in zip(owners, previous):
+            if value is None:
+                owner.__dict__.pop(_ALLOW_NONFINITE, None)
+            else:
+                owner.__dict__[_ALLOW_NONFINITE] = value
+
+
+_allowing_nonfinite = allow_nonfinite  # methods below take an `allow_nonfinite` keyword that shadows the name
+
+
+def _nonfinite_allowed(model: nn.Module) -> bool:
+    return bool(model.__dict__.get(_ALLOW_NONFINITE)) or any(
+        m.__dict__.get(_ALLOW_NONFINITE) for m in model.modules() if isinstance(m, NeuronSelectModel)
+    )
+
+
+def _refuse_nonfinite(named_tensors, action: str) -> None:
+    """Raise `NonFiniteDeltaError` naming every delta with NaN/Inf (meta or empty shards are skipped)."""
+    bad = []
+    for name, tensor in named_tensors:
+        if tensor.device.type == "meta" or tensor.numel() == 0:
+            continue
+        finite = torch.isfinite(tensor.detach())
+        if not bool(finite.all()):
+            n_nan, n_inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+            bad.append(f"{name} ({n_nan} NaN, {n_inf} Inf of {tensor.numel()} values)")
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise NonFiniteDeltaError(
+            f"NeuronSelect: refusing to {action}: non-finite delta in {'; '.join(bad[:3])}{more}. The run probably "
+            "diverged (lower the learning rate, clip gradients). To do it anyway, pass allow_nonfinite=True to "
+            "merge_and_unload / merge_adapter, or wrap the call in `with neuron_peft.allow_nonfinite(model):`."
+        )
+
+
 def pick_rows(weight_rows: torch.Tensor, k: int, how: str, seed: int, module_name: str) -> list[int]:
     """Choose k rows without calibration data: largest L2 norm ("magnitude") or seeded uniform ("random")."""
     n = weight_rows.shape[0]
@@ -225,7 +288,43 @@ class NeuronSelectModel(BaseTuner):
             if isinstance(module, NeuronSelectLayer):
                 module._restore_live()
 
+    def _named_deltas(self, adapter_names):
+        for name, module in self.model.named_modules():
+            if isinstance(module, NeuronSelectLayer):
+                for attr in ("neuron_select_delta", "neuron_select_bias_delta"):
+                    for adapter in adapter_names:
+                        if adapter in getattr(module, attr):
+                            yield f"{name}.{attr}.{adapter}", getattr(module, attr)[adapter]
+
+    def _check_mergeable(self, adapter_names) -> None:
+        if not _nonfinite_allowed(self):
+            names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
+            _refuse_nonfinite(self._named_deltas(names), "merge")
+
+    def merge_and_unload(
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+        allow_nonfinite: bool = False,
+    ) -> nn.Module:
+        """PEFT's ``merge_and_unload``; refuses NaN/Inf deltas (`NonFiniteDeltaError`) unless ``allow_nonfinite``."""
+        block = _allowing_nonfinite(self) if allow_nonfinite else contextlib.nullcontext()
+        with block:  # the check itself runs in _unload_and_optionally_merge, where every merging path ends
+            return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def merge_adapter(
+        self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False, allow_nonfinite: bool = False
+    ) -> None:
+        """PEFT's ``merge_adapter``; refuses NaN/Inf deltas (`NonFiniteDeltaError`) unless ``allow_nonfinite``."""
+        if not allow_nonfinite:
+            self._check_mergeable(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
     def _unload_and_optionally_merge(self, *args, **kwargs):
+        merge = kwargs.get("merge", args[0] if args else True)
+        if merge:  # every merging path of PEFT ends here (merge_and_unload and subclasses' variants)
+            self._check_mergeable(kwargs.get("adapter_names", args[3] if len(args) > 3 else None))
         self.restore_base_weights()
         model = super()._unload_and_optionally_merge(*args, **kwargs)
         hooks = model._forward_pre_hooks
@@ -233,6 +332,21 @@ class NeuronSelectModel(BaseTuner):
             del hooks[key]
             model._forward_pre_hooks_with_kwargs.pop(key, None)
         return model
+
+    # ------------------------------------------------------------------ saving
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """PEFT's selection of this adapter's tensors for ``save_pretrained`` / ``get_peft_model_state_dict``; refuses
+        NaN/Inf deltas (`NonFiniteDeltaError`) unless the model is inside `allow_nonfinite`."""
+        to_save = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        if not _nonfinite_allowed(model):
+            deltas = (
+                (key.removeprefix("base_model.model."), value)
+                for key, value in to_save.items()
+                if ".neuron_select_delta" in key or ".neuron_select_bias_delta" in key
+            )
+            _refuse_nonfinite(deltas, f"save adapter {adapter_name!r}")
+        return to_save
 
     # ------------------------------------------------------------------ loading
     @classmethod

@@ -482,3 +482,76 @@ def test_neuron_groups_of_the_wrong_length_raise():
     with torch.no_grad(), neuron_peft.route(model, ["fr", "de", "fr", "de"]):  # generation expands the batch
         out = model.generate(input_ids=ids, max_new_tokens=2, num_beams=2, do_sample=False)
     assert out.shape == (4, 8)
+
+
+# --------------------------------------------------------------------------------------------------------- NaN / Inf
+def _with_bad_delta(value=float("nan")):
+    from conftest import TARGETS, tiny_qwen2
+    from peft import get_peft_model
+
+    from neuron_peft import NeuronSelectConfig
+
+    model = get_peft_model(tiny_qwen2(), NeuronSelectConfig(target_modules=TARGETS["qwen2"], neuron_ratio=0.25))
+    layer = model.base_model.model.model.layers[1].self_attn.q_proj
+    with torch.no_grad():
+        layer.neuron_select_delta["default"][0, 3] = value
+    return model, layer
+
+
+def test_save_pretrained_refuses_nan_delta_naming_it(tmp_path):
+    """Before: the NaN was written into adapter_model.safetensors without a word."""
+    import neuron_peft
+    from neuron_peft import NonFiniteDeltaError
+
+    model, _ = _with_bad_delta()
+    name = r"model\.layers\.1\.self_attn\.q_proj\.neuron_select_delta\.default \(1 NaN, 0 Inf"
+    with pytest.raises(NonFiniteDeltaError, match="refusing to save adapter 'default': non-finite delta in " + name):
+        model.save_pretrained(tmp_path / "a")
+    assert not (tmp_path / "a" / "adapter_model.safetensors").exists()
+
+    other, _ = _with_bad_delta(float("inf"))
+    with neuron_peft.allow_nonfinite(model):  # explicit opt-in, for this model only
+        model.save_pretrained(tmp_path / "a")
+        with pytest.raises(NonFiniteDeltaError, match=r"0 NaN, 1 Inf"):
+            other.save_pretrained(tmp_path / "b")
+    with pytest.raises(NonFiniteDeltaError):  # the block ended: refused again
+        model.save_pretrained(tmp_path / "a")
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert torch.isnan(saved["base_model.model.model.layers.1.self_attn.q_proj.neuron_select_delta"][0, 3])
+
+
+def test_nonfinite_bias_delta_is_named():
+    from neuron_peft import NonFiniteDeltaError
+
+    model, layer = _with_bad_delta(0.0)
+    with torch.no_grad():
+        layer.neuron_select_bias_delta["default"][1] = float("-inf")
+    with pytest.raises(NonFiniteDeltaError, match=r"q_proj\.neuron_select_bias_delta\.default \(0 NaN, 1 Inf"):
+        model.merge_and_unload()
+
+
+def test_merge_refuses_nan_delta_and_leaves_base_weights_untouched():
+    """Before: merge_and_unload wrote NaN into the base weight's row."""
+    from neuron_peft import NonFiniteDeltaError
+
+    model, layer = _with_bad_delta()
+    base = layer.get_base_layer()
+    reference = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if "neuron_select" not in k}
+    for merge in (model.merge_and_unload, model.merge_adapter, lambda: model.base_model.merge_and_unload()):
+        with pytest.raises(NonFiniteDeltaError, match=r"refusing to merge: .*layers\.1\.self_attn\.q_proj"):
+            merge()
+    after = {k: v for k, v in model.get_base_model().state_dict().items() if "neuron_select" not in k}
+    assert after.keys() == reference.keys()
+    assert all(torch.equal(after[k], reference[k]) for k in reference)
+
+    row = int(layer.neuron_select_indices["default"][0])
+    expected = reference["model.layers.1.self_attn.q_proj.base_layer.weight"].clone()
+    expected[row] += layer.neuron_select_delta["default"][0].detach()  # hand-made dense merge: W0[row] + delta
+    model.merge_adapter(allow_nonfinite=True)
+    assert torch.isnan(base.weight[row, 3]) and torch.equal(base.weight.isnan(), expected.isnan())
+    model.unmerge_adapter()
+    merged = model.merge_and_unload(allow_nonfinite=True)
+    weight = merged.model.layers[1].self_attn.q_proj.weight
+    torch.testing.assert_close(weight, expected, equal_nan=True)
