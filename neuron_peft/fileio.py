@@ -74,6 +74,36 @@ def atomic_write_json(path: PathLike, data: Any, *, indent: int = 2, **dumps_kwa
     return atomic_write_text(path, json.dumps(data, indent=indent, **dumps_kwargs) + "\n")
 
 
+def atomic_dir(target: PathLike, write: Callable[[Path], Any], *, replace: Callable[[Path], bool]) -> Path:
+    """Build a whole folder atomically: ``write(tmp)`` fills a temporary sibling, which is then renamed to `target`.
+
+    For folders this package owns outright (the converted-model cache), never for user output folders (use
+    `write_into`). An existing `target` is swapped out only when ``replace(target)`` is true (it is moved aside
+    first, then deleted, because deleting a big folder is not atomic); otherwise, or when another process renamed
+    its own build into place first, the existing folder is kept and ours discarded. On any error nothing is left
+    behind but what was there before.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if target.exists() and replace(target):
+            stale = target.with_name(f".{target.name}.stale-{os.getpid()}-{secrets.token_hex(4)}")
+            os.replace(target, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not target.exists() or replace(target):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 # ------------------------------------------------------------------------------------------------------- out checks
 def _resolve(path: PathLike) -> Path:
     return Path(path).expanduser().resolve()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from importlib import import_module, util
 from pathlib import Path
 from typing import Optional
@@ -99,32 +98,21 @@ def _save_converted(model, tokenizer, folder: Path, info: dict) -> None:
 
 
 def build_cache(target: Path, convert) -> Path:
-    """Run `convert(tmp_dir)` in a temp folder beside `target`, then rename it into place.
+    """Run `convert(tmp_dir)` in a temp folder beside `target`, then rename it into place (`fileio.atomic_dir`).
 
-    The rename is atomic, so an interrupted conversion leaves only a ``.tmp-*`` folder (removed here on error),
-    never a half-written `target`. If another process finished first, its result is kept and ours discarded.
+    The rename is atomic, so an interrupted conversion leaves nothing (the temp folder is removed on error),
+    never a half-written `target`. An incomplete `target` (no marker) is replaced; if another process finished
+    first, its result is kept and ours discarded.
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    from .fileio import atomic_dir
+
+    def write(tmp: Path) -> None:
         convert(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary shared folder
+        os.chmod(tmp, 0o755)  # the cache is an ordinary shared folder
         if not is_complete(tmp):
             raise RuntimeError(f"conversion into {tmp} did not write {MARKER}")
-        if target.exists() and not is_complete(target):
-            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
-            os.replace(target, stale / target.name)  # move aside first: rmtree of a big folder is not atomic
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not is_complete(target):
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return atomic_dir(Path(target), write, replace=lambda existing: not is_complete(existing))
 
 
 def _convert_default(folder: Path) -> None:
