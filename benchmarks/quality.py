@@ -535,7 +535,11 @@ def evaluate(model, tok, examples, p: Preset, shots: Optional[dict] = None) -> d
 
 
 def trainable_params(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """PEFT's count (``get_nb_trainable_parameters``: parameters with requires_grad, 4-bit and ZeRO-3 aware), also for
+    full fine-tuning, whose model is no PeftModel (the function reads only ``named_parameters()``)."""
+    from peft import PeftModel
+
+    return PeftModel.get_nb_trainable_parameters(model)[0]
 
 
 def train_batches(features, tok, p: Preset, routed: bool) -> torch.utils.data.DataLoader:
@@ -770,6 +774,16 @@ def _write_json(path: Path, data) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- significance
+# Why not sacrebleu's own paired test (sacrebleu.significance.PairedTest, `sacrebleu --paired-bs`): it scores one
+# corpus with one metric configuration, so it cannot express what this benchmark reports, the mean over target
+# languages of per-language corpus scores, each language with its own BLEU tokenizer (character-level for zh/ja/ko).
+# Resampling is therefore stratified by language here, and everything else is sacrebleu's: the sufficient statistics
+# and the score computed from summed statistics (its private _extract_corpus_statistics /
+# _compute_score_from_stats, as PairedTest uses them) and its resampling (numpy default_rng(12345) indices, as
+# SACREBLEU_SEED's default). With one language the resampled scores are exactly PairedTest's; tests/test_quality_smoke
+# checks that through sacrebleu's own mean and 95% half-width. The reported statistics differ on purpose: percentile
+# intervals of the language-averaged score and of paired differences, and a one-sided p (share of resamples in which
+# the system is not better), where sacrebleu reports mean +- half-width and a two-sided p.
 BOOTSTRAP_SAMPLES = 1000
 
 

@@ -145,6 +145,31 @@ def test_bootstrap_matches_sacrebleu_on_hand_resamples(quality):
         assert np.allclose(got, want), (metric, got, want)
 
 
+def test_one_language_bootstrap_is_sacrebleus_paired_bootstrap(quality):
+    """With one language there is nothing to stratify: our resampled scores for baseline and system are those of
+    sacrebleu's PairedTest(test_type="bs") (same seed, same indices), checked through sacrebleu's own estimate_ci
+    (mean, 95% half-width) of each system."""
+    import numpy as np
+    from sacrebleu.metrics import BLEU, CHRF
+    from sacrebleu.significance import PairedTest, estimate_ci
+
+    refs = ["le chat est sur le tapis", "il fait beau aujourd'hui", "nous allons au marché", "la maison est grande",
+            "le chien dort", "elle lit un livre", "ils mangent du pain", "la voiture est rouge"]  # fmt: skip
+    base = ["le chat sur le tapis", "il fait beau", "nous allons marché", "une maison", "le chien", "elle lit",
+            "ils mangent", "voiture rouge"]  # fmt: skip
+    system = ["le chat est sur tapis", "il fait beau aujourd'hui", "nous allons au marché", "la maison grande",
+              "le chien dort", "elle lit un livre", "ils mangent pain", "la voiture est rouge"]  # fmt: skip
+    ev = {n: {"per_group": {"en-fr": {"hyps": h, "refs": refs, "tgt_lang": "fr", "n": len(h)}}}
+          for n, h in (("base", base), ("system", system))}  # fmt: skip
+    seeds = quality.resample_indices(ev["base"], n_samples=300, seed=12345)
+    for metric, sb in (("bleu", BLEU()), ("chrf", CHRF())):
+        _, scores = PairedTest([("base", base), ("system", system)], {metric: sb}, [refs], "bs", n_samples=300)()
+        (res_base, res_system) = next(v for k, v in scores.items() if k != "System")
+        for name, res in (("base", res_base), ("system", res_system)):
+            mean, half = estimate_ci(quality.bootstrap_scores(ev[name], metric, seeds))
+            assert np.isclose(mean, res.mean) and np.isclose(half, res.ci), (metric, name, mean, res.mean)
+
+
 def test_paired_bootstrap_detects_a_real_gap_and_not_a_fake_one(quality):
     good = _evaluation({g: list(r) for g, r in _REFS.items()})  # perfect translations
     bad = _evaluation({g: ["x y z"] * 4 for g in _REFS})
