@@ -19,7 +19,13 @@ from torch import nn
 
 from .config import NeuronSelectConfig, _check_rows
 from .layer import Linear, NeuronSelectLayer
-from .registration import PREFIX, AdapterFileError
+from .registration import (
+    PREFIX,
+    AdapterFileError,
+    UnsupportedPeftMethods,
+    declare_groups_argument,
+    undeclare_groups_argument,
+)
 from .routing import GroupsPreHook, RouteState
 
 
@@ -102,7 +108,7 @@ def pick_rows(weight_rows: torch.Tensor, k: int, how: str, seed: int, module_nam
     return sorted(int(i) for i in picked)
 
 
-class NeuronSelectModel(BaseTuner):
+class NeuronSelectModel(UnsupportedPeftMethods, BaseTuner):
     """Neuron-level selective fine-tuning: train chosen output rows of Linear layers as sparse deltas.
 
     Example::
@@ -124,7 +130,7 @@ class NeuronSelectModel(BaseTuner):
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, neuron_groups=None, **kwargs):
-        """PeftModel strips ``neuron_groups`` (a special forward arg) and runs the call inside this context."""
+        """PeftModel runs each forward/generate inside this context with the call's keywords (incl. ``neuron_groups``)."""
         state = self._route_state
         previous, state.call_groups = state.call_groups, neuron_groups
         try:
@@ -165,6 +171,7 @@ class NeuronSelectModel(BaseTuner):
                 state.attach(module)
         if not any(isinstance(h, GroupsPreHook) for h in model._forward_pre_hooks.values()):
             model.register_forward_pre_hook(GroupsPreHook(state), with_kwargs=True)
+        declare_groups_argument(model)  # Trainer keeps a `neuron_groups` column; generate accepts the keyword
 
     @staticmethod
     def _check_explicit_names(model: nn.Module, config: NeuronSelectConfig) -> None:
@@ -331,6 +338,7 @@ class NeuronSelectModel(BaseTuner):
         for key in [k for k, h in hooks.items() if isinstance(h, GroupsPreHook)]:
             del hooks[key]
             model._forward_pre_hooks_with_kwargs.pop(key, None)
+        undeclare_groups_argument(model)
         return model
 
     # ------------------------------------------------------------------ saving
