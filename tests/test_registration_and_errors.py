@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +18,7 @@ from peft.utils import PeftType
 from safetensors.torch import load_file, save_file
 
 import neuron_peft
-from neuron_peft import AdapterMismatchError, NeuronSelectConfig
+from neuron_peft import AdapterMismatchError, NeuronSelectConfig, model_card
 from neuron_peft.registration import AdapterFileError
 
 
@@ -168,7 +173,9 @@ def test_adapter_for_a_different_model(tmp_path):
 
 
 def test_push_to_hub_goes_through_peft(tmp_path, monkeypatch):
-    """push_to_hub uploads exactly what save_pretrained writes (the Hub client is replaced: no network)."""
+    """push_to_hub uploads what save_pretrained writes (the Hub client is replaced: no network), and the card it
+    uploads is the NeuronSelect card with the repo id in its load snippet, although transformers' push_to_hub puts
+    the Hub repo's own card (here a blank template with library_name: transformers) in place of the saved one."""
     import transformers.utils.hub as hub
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -184,13 +191,18 @@ def test_push_to_hub_goes_through_peft(tmp_path, monkeypatch):
                     pushed[op.path_in_repo] = f.read()
             return "ok"
 
+    hub_card = ModelCard.from_template(ModelCardData(library_name="transformers"), model_description="Hub text")
     monkeypatch.setattr(hub, "hf_api", lambda: FakeApi())
-    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *a, **k: ModelCard.from_template(ModelCardData()))
+    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *a, **k: hub_card)
     base, model, out = saved_adapter(tmp_path)
     model.push_to_hub("me/neuron-select-test")
-    assert {"adapter_model.safetensors", "adapter_config.json"} <= set(pushed)
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= set(pushed)
     assert pushed["adapter_model.safetensors"] == (out / "adapter_model.safetensors").read_bytes()
     assert json.loads(pushed["adapter_config.json"])["peft_type"] == "NEURON_SELECT"
+    card = pushed["README.md"].decode()
+    assert "library_name: peft" in card and "- neuron-select" in card and "Hub text" in card
+    assert "adapter = 'me/neuron-select-test'" in python_blocks(card)[0]
+    assert "_upload_modified_files" not in model.__dict__  # the per-call hook is gone again
 
 
 def test_model_card_has_selection_summary(tmp_path):
@@ -199,3 +211,151 @@ def test_model_card_has_selection_summary(tmp_path):
     assert "library_name: peft" in card and "neuron-select" in card
     assert "base_model:" in card
     assert "## NeuronSelect adapter" in card and "selected rows" in card and "trainable parameters" in card
+
+
+# ---------------------------------------------------------------- sharing: the model card and loading elsewhere
+def python_blocks(card: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", card, re.S)
+
+
+def usage_section(card: str) -> str:
+    start = card.index("## How to Get Started with the Model")
+    return card[start : card.index("\n## ", start + 1)]
+
+
+LOGITS_CODE = """
+import sys, torch
+ids = torch.tensor({ids})
+with torch.no_grad():
+    torch.save(model(input_ids=ids).logits, sys.argv[1])
+"""
+
+
+def run_fresh(code: str, *args) -> subprocess.CompletedProcess:
+    """`python -c code` in a new interpreter (nothing imported beforehand), offline, outside the repository."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env, cwd=Path(args[0]).parent
+    )
+
+
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
+def test_card_snippet_loads_the_adapter_in_a_fresh_process(tmp_path, task_type):
+    """Following only the card: pip install line first, then the snippet (run verbatim in a new interpreter that
+    never imported neuron_peft) gives the saving model's logits exactly."""
+    base, model, out = saved_adapter(tmp_path, task_type=task_type, language_neurons=None)
+    card = (out / "README.md").read_text()
+    usage = usage_section(card)
+    assert usage.split("```")[1].strip() == "bash\npip install neuron-peft"  # the usage section starts with it
+    snippet = python_blocks(usage)[0]
+    assert snippet.startswith("import neuron_peft")
+    assert ("AutoPeftModelForCausalLM" if task_type else "AutoPeftModel.") in snippet
+    ids = make_inputs("llama")["input_ids"]
+    result = run_fresh(snippet + LOGITS_CODE.format(ids=ids.tolist()), tmp_path / "fresh.pt")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    torch.testing.assert_close(torch.load(tmp_path / "fresh.pt"), expected, rtol=0, atol=0)
+
+
+def test_loading_without_the_import_fails_as_the_card_says(tmp_path):
+    """No loader can name the missing package (PEFT 0.21 reads only peft_type before a bare KeyError): the card warns
+    with the exact error a user sees, and this pins that the error is still that one."""
+    _, _, out = saved_adapter(tmp_path)
+    card = (out / "README.md").read_text()
+    snippet = python_blocks(card)[0].replace("import neuron_peft", "pass")
+    result = run_fresh(snippet, tmp_path / "unused")
+    assert result.returncode != 0
+    assert "KeyError: 'NEURON_SELECT'" in result.stderr
+    assert "KeyError: 'NEURON_SELECT'" in usage_section(card) and "pip install neuron-peft" in card
+
+
+@pytest.mark.parametrize("arch, routed, modules_to_save", [("llama", True, None), ("qwen2", False, ["norm"])])
+def test_card_trainable_numbers_equal_print_trainable_parameters(tmp_path, capsys, arch, routed, modules_to_save):
+    """One definition: the card shows the line print_trainable_parameters() prints; it counts row deltas, bias deltas
+    (qwen2's q/k/v have biases) and modules_to_save copies over all parameters, adapters included."""
+    base = make_model(arch)
+    base.save_pretrained(tmp_path / "base")
+    base = type(base).from_pretrained(tmp_path / "base")
+    kw = {"language_neurons": {"fr": {"model.layers.0.mlp.up_proj": [5, 6]}}} if routed else {}
+    cfg = NeuronSelectConfig(target_modules=TARGETS[arch], modules_to_save=modules_to_save, **kw)
+    model = get_peft_model(base, cfg)
+    capsys.readouterr()
+    model.print_trainable_parameters()
+    printed = capsys.readouterr().out.strip()
+    model.save_pretrained(tmp_path / "adapter")
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert printed.startswith("trainable params:") and printed in card
+    # the same numbers, counted by hand from the adapter's tensors
+    named = dict(model.named_parameters())
+    deltas = sum(p.numel() for n, p in named.items() if ".neuron_select_delta." in n)
+    biases = sum(p.numel() for n, p in named.items() if ".neuron_select_bias_delta." in n)
+    copies = sum(p.numel() for n, p in named.items() if ".modules_to_save." in n)
+    assert (biases > 0) == (arch == "qwen2") and (copies > 0) == bool(modules_to_save)
+    trainable = deltas + biases + copies
+    total = sum(p.numel() for p in named.values())
+    assert (
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        in card
+    )
+    summary = model.base_model.selection_summary()
+    assert (summary["trainable_params"], summary["all_params"]) == (trainable, total)
+
+
+def test_card_states_the_selection(tmp_path):
+    """Base model, targets, rows per module type (counted here from the saved config), groups, settings, tags."""
+    _, model, out = saved_adapter(tmp_path, neuron_ratio=0.25, neuron_init="random", seed=3)
+    card = (out / "README.md").read_text()
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    block = card[card.index("## NeuronSelect adapter") :]
+    assert f"- base model: `{tmp_path / 'base'}`" in block
+    assert "- target modules: `down_proj`, `q_proj`, `up_proj`, `v_proj`" in block
+    per_type: dict[str, int] = {}
+    for name, rows in cfg["neurons"].items():
+        per_type[name.rsplit(".", 1)[-1]] = per_type.get(name.rsplit(".", 1)[-1], 0) + len(rows)
+    for group in cfg["language_neurons"] or {}:
+        for name, rows in cfg["language_neurons"][group].items():
+            per_type[name.rsplit(".", 1)[-1]] += len(rows)
+    out_features = {"q_proj": 32, "v_proj": 16, "up_proj": 64, "down_proj": 32}  # tiny_llama, per layer
+    for kind, n in per_type.items():
+        assert f"`{kind}` {n} of {2 * out_features[kind]} rows" in block, kind
+    assert "language groups: none" in block
+    assert "neuron_ratio=0.25, neuron_init='random', seed=3, train_bias=True" in block
+    meta = card.split("---")[1]
+    assert "library_name: peft" in meta and "- neuron-select" in meta and "- peft" in meta
+    assert f"base_model: {tmp_path / 'base'}" in meta
+    assert card.count("## How to Get Started with the Model") == 1  # the template's empty section was replaced
+
+
+def test_card_lists_language_groups_and_is_replaced_on_resave(tmp_path):
+    base = make_model("llama")
+    cfg = NeuronSelectConfig(
+        target_modules=["up_proj"], neurons={"model.layers.0.mlp.up_proj": [1, 2]},
+        language_neurons={"en-fr": {"model.layers.0.mlp.up_proj": [3]}, "en-de": {"model.layers.1.mlp.up_proj": [4, 5]}},
+    )  # fmt: skip
+    model = get_peft_model(base, cfg)
+    model.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "language groups: 2: `en-de` (2 rows), `en-fr` (1 rows); " in card
+    assert "base_model = ...  # the model this adapter was trained on" in card  # no recorded base model
+    (tmp_path / "README.md").write_text(card.replace("## Model Details", "## Model Details\n\nMy own notes."))
+    model.save_pretrained(tmp_path)
+    again = (tmp_path / "README.md").read_text()
+    assert again.count(model_card.BEGIN) == 1 and "My own notes." in again
+
+
+def test_unsupported_peft_methods_say_what_to_do_instead():
+    model = get_peft_model(make_model("llama"), NeuronSelectConfig(target_modules=["q_proj"]))
+    model.add_adapter("other", NeuronSelectConfig(target_modules=["q_proj"]))
+    with pytest.raises(NotImplementedError, match=r"add_weighted_adapter is not supported.*merge"):
+        model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix")
+    with pytest.raises(NotImplementedError, match="subtract_mutated_init is LoRA-only"):
+        model.base_model.subtract_mutated_init({}, "default")
+
+
+def test_import_changes_peft_only_where_documented():
+    """The PEFT methods neuron_peft wraps: the card on save and push, nothing else (PeftModel.__init__ is PEFT's)."""
+    from peft import PeftModel
+
+    wrapped = {n for n, v in vars(PeftModel).items() if getattr(v, "_neuron_peft_wrapped", False)}
+    assert wrapped == {"create_or_update_model_card", "push_to_hub"}
