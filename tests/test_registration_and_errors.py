@@ -359,3 +359,22 @@ def test_import_changes_peft_only_where_documented():
 
     wrapped = {n for n, v in vars(PeftModel).items() if getattr(v, "_neuron_peft_wrapped", False)}
     assert wrapped == {"create_or_update_model_card", "push_to_hub"}
+
+
+def test_declared_groups_keyword_follows_copies_and_goes_with_unload():
+    """The adapted model's forward lists neuron_groups (what Trainer and generate inspect); a deepcopy or pickle keeps
+    it bound to the copy, and merge_and_unload gives the plain class forward back."""
+    import inspect
+    import pickle
+
+    model = get_peft_model(make_model("llama"), NeuronSelectConfig(target_modules=["q_proj"], init_weights=False))
+    inner = model.get_base_model()
+    assert "neuron_groups" in inspect.signature(inner.forward).parameters
+    assert list(inspect.signature(inner.forward).parameters)[-2:] == ["neuron_groups", "kwargs"]
+    inputs = make_inputs("llama")
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert clone.get_base_model().forward.module is clone.get_base_model()
+        torch.testing.assert_close(logits(clone, inputs), logits(model, inputs), rtol=0, atol=0)
+    merged = model.merge_and_unload()
+    assert "forward" not in merged.__dict__
+    assert "neuron_groups" not in inspect.signature(merged.forward).parameters
