@@ -616,10 +616,20 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
     t = time.perf_counter()
     calib_ex = [e for g in quality.by_group(data["train"]).values() for e in g[: p.n_calib]]
     calib = calibration_batches(tok, calib_ex, p.calib_batch_size, p.max_length, on_overflow="skip")
-    base_sel = select_neurons(base, calib, layer_ratio=LAYER_RATIO, neuron_ratio=p.budgets[0],
-                              specific_ratio=SPECIFIC_RATIO, progress=False)  # fmt: skip
-    results["select_seconds"] = time.perf_counter() - t
-    log(f"  Taylor scoring {results['select_seconds']:.1f} s")
+    from neuron_peft.selection import NeuronSelection
+
+    sel_dir = out_dir / "taylor_scores"
+    if args.resume and (sel_dir / "neuron_selection.json").is_file():
+        base_sel = NeuronSelection.load(sel_dir)  # same calibration data (the configuration was checked above)
+        log("  Taylor scores reused from " + str(sel_dir))
+    else:
+        base_sel = select_neurons(base, calib, layer_ratio=LAYER_RATIO, neuron_ratio=p.budgets[0],
+                                  specific_ratio=SPECIFIC_RATIO, progress=False)  # fmt: skip
+        results["select_seconds"] = time.perf_counter() - t
+        base_sel.save(sel_dir)
+        log(f"  Taylor scoring {results['select_seconds']:.1f} s")
+    results["score_by_type"] = score_by_type(base_sel)
+    log(f"  mean Taylor neuron score by module type (group-normalised): {results['score_by_type']}")
     full_ref = None
 
     for nr in p.budgets:
@@ -766,6 +776,18 @@ def _keep_best(kept: dict, results: dict, nr, method, seed) -> dict:
             kept[lr] = None
     gc.collect()
     return kept
+
+
+def score_by_type(sel) -> dict:
+    """Mean (over the layers of a type) of the layer's mean group-normalised neuron score: shows how far raw scores
+    of different projection types sit apart, which is what the raw layer ranking compares."""
+    from neuron_peft.selection import module_type
+
+    norm = sel.normalised_scores()
+    acc: dict[str, list[float]] = {}
+    for n, p in zip(sel.layers, sel.parts):
+        acc.setdefault(module_type(n, p).split(":")[1], []).append(float(norm[n].mean()))
+    return {t: round(sum(v) / len(v), 4) for t, v in acc.items()}
 
 
 def _type_counts(sel) -> dict:

@@ -106,4 +106,6 @@ def test_refuses_a_non_empty_out_and_resumes(sv, run):
     assert new == ["0.25|random-all|1|0.01", "0.25|taylor|1|0.01"]  # only the new seed trained
     for k, v in before.items():  # reused as they were (zero-shot included), not recomputed
         assert again["runs"][k].get("dev_nll") == v.get("dev_nll") and again["runs"][k]["test"] == v["test"], k
-    assert "resuming" in "\n".join(lines)
+    log = "\n".join(lines)
+    assert "resuming" in log and "Taylor scores reused" in log  # no second scoring pass
+    assert set(again["score_by_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
