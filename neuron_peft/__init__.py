@@ -11,7 +11,7 @@ register()
 from .config import NeuronSelectConfig  # noqa: E402
 from .layer import Linear, NeuronSelectLayer, mark_adapter_updated  # noqa: E402
 from .model import AdapterMismatchError, NeuronSelectModel, NonFiniteDeltaError, allow_nonfinite  # noqa: E402
-from .routing import RoutingError, route  # noqa: E402
+from .routing import RoutingError, group_ids, route  # noqa: E402
 from .selection import NeuronSelection, select_neurons  # noqa: E402
 
 __version__ = "0.1.0"
@@ -29,5 +29,6 @@ __all__ = [
     "NeuronSelection",
     "select_neurons",
     "route",
+    "group_ids",
     "RoutingError",
 ]

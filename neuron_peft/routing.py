@@ -56,10 +56,15 @@ class RouteState:
         layer = self._layer() if self._layer is not None else None
         return list(layer.active_adapters) if layer is not None else list(self.adapter_groups)
 
-    def set(self, groups: Optional[Sequence[str]], active_adapters: Optional[Sequence[str]] = None) -> None:
+    def set(self, groups, active_adapters: Optional[Sequence[str]] = None) -> None:
+        """Groups of the coming batch: a sequence of group names, or a 1-D integer tensor of indices into each active
+        adapter's ``config.groups`` (the form for `torch.compile`: names are Python constants a compiled graph is
+        specialised on, so every new pattern of names in a batch would compile again)."""
         if active_adapters is None:
             active_adapters = self.active_adapters()
-        if groups is not None:
+        if isinstance(groups, torch.Tensor):
+            groups = self._check_group_ids(groups, active_adapters)
+        elif groups is not None:
             if isinstance(groups, str):
                 raise RoutingError("neuron_groups must be a sequence with one group name per sample, not a string")
             missing = [i for i, g in enumerate(groups) if g is None]
@@ -83,6 +88,25 @@ class RouteState:
         self._ids = {}
         self.packed = {}
 
+    def _check_group_ids(self, ids: torch.Tensor, active_adapters: Sequence[str]) -> torch.Tensor:
+        if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise RoutingError(
+                f"neuron_groups as a tensor must be 1-D integer group indices (one per sample), got dtype {ids.dtype} "
+                f"and shape {tuple(ids.shape)}"
+            )
+        if ids.numel() == 0:
+            raise RoutingError("neuron_groups is empty; give one group index per sample")
+        if not torch.compiler.is_compiling():  # a value check would break the compiled graph; eager calls get it
+            for adapter in active_adapters:
+                known = self.adapter_groups.get(adapter) or []
+                bad = ids[(ids < 0) | (ids >= len(known))].unique().tolist() if known else []
+                if bad:
+                    raise RoutingError(
+                        f"group index(es) {bad[:8]} out of range for adapter {adapter!r}, whose groups are {known} "
+                        f"(indices 0..{len(known) - 1})"
+                    )
+        return ids
+
     def set_packed(self, module, kwargs: dict) -> None:
         """Map the rows of a packed-patch vision tower to samples, from the call's grids and image tokens."""
         if self.groups is None:
@@ -98,6 +122,8 @@ class RouteState:
         )  # fmt: skip
 
     def _sample_ids(self, adapter: str, device: torch.device) -> torch.Tensor:
+        if isinstance(self.groups, torch.Tensor):
+            return self.groups.to(device)  # already indices into the adapter's groups
         key = (adapter, device)
         if key not in self._ids:
             index = {g: i for i, g in enumerate(self.adapter_groups.get(adapter) or [])}
@@ -137,7 +163,7 @@ class RouteState:
             packed = self._packed_ids(adapter, row_groups.device, batch) if ndim == 2 else None
             if packed is not None:
                 ids = packed  # the group of each packed patch row
-            elif len(set(self.groups)) == 1:
+            elif bool((ids == ids[0]).all()):
                 ids = ids[:1]  # one group for the whole batch: broadcast over whatever the layer's batch is
             else:
                 if not self._warned_batch:
@@ -178,7 +204,7 @@ class GroupsPreHook:
 _BATCH_INPUTS = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")
 
 
-def _check_batch_size(groups: Sequence[str], args: tuple, kwargs: dict) -> None:
+def _check_batch_size(groups, args: tuple, kwargs: dict) -> None:
     """One group name per sample: a list of another length would route by the wrong samples (or, before this check,
     silently give the language rows no gradient). Only checked when gradients are on: routing changes gradients
     only, and generation (beam search expands the batch) may keep a `route()` block's groups."""
@@ -205,13 +231,27 @@ def route_state(model) -> RouteState:
     raise TypeError("neuron_peft.route() needs a model with a NeuronSelect adapter")
 
 
+def group_ids(model, groups: Sequence[str], adapter: Optional[str] = None) -> torch.Tensor:
+    """Group names -> the 1-D int64 tensor of indices into the adapter's ``config.groups`` that ``neuron_groups``
+    also accepts. Convert outside a `torch.compile`d step (e.g. in the collator) so the compiled graph sees a
+    tensor, not names it would specialise on."""
+    state = route_state(model)
+    adapter = adapter or (state.active_adapters() or [None])[0]
+    known = state.adapter_groups.get(adapter) or []
+    unknown = sorted({str(g) for g in groups} - set(known))
+    if unknown:
+        raise RoutingError(f"unknown group name(s) {unknown} for adapter {adapter!r}; its groups are {known}")
+    index = {g: i for i, g in enumerate(known)}
+    return torch.tensor([index[str(g)] for g in groups], dtype=torch.long)
+
+
 @contextlib.contextmanager
 def route(model, groups: Sequence[str]):
     """Route the weight gradients of the forwards inside this block by ``groups`` (one name per sample)."""
     state = route_state(model)
     state.set(groups)
     previous = state.context_groups
-    state.context_groups = list(groups)
+    state.context_groups = groups if isinstance(groups, torch.Tensor) else list(groups)
     try:
         yield
     finally:

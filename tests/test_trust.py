@@ -309,3 +309,51 @@ def test_two_models_compile_in_one_process():
         results.append((got, eval_logits(ref)))
     for got, expected in results:
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_routed_training_compiles_once_with_group_ids():
+    """Routed batches with a different group pattern every step: group indices as a tensor (neuron_peft.group_ids)
+    keep one compiled graph, and every step's deltas equal eager routed training on the same batches."""
+    from conftest import routed_llama_config, tiny_llama
+    from peft import get_peft_model
+
+    torch._dynamo.reset()
+    model = get_peft_model(tiny_llama(), routed_llama_config())
+    eager = copy.deepcopy(model)
+    backend = CountingBackend()
+    compiled = torch.compile(model, backend=backend)
+    patterns = [["fr", "de"], ["de", "de"], ["fr", "fr"], ["de", "fr"], ["fr", "de"], ["de", "de"]]
+    runs = []
+    for m, call in ((model, compiled), (eager, eager)):
+        opt = torch.optim.SGD(trainable(m), lr=0.5)
+        m.train()
+        counts = []
+        for step, names in enumerate(patterns):
+            opt.zero_grad()
+            ids = neuron_peft.group_ids(m, names) if m is model else names
+            call(**make_loss_inputs(ARCH, batch=2, seq=7, seed=step), neuron_groups=ids).loss.backward()
+            opt.step()
+            counts.append(backend.graphs)
+        runs.append(counts)
+    counts = runs[0]
+    assert counts[-1] == counts[1], f"recompiled when the group pattern changed: graphs after each step {counts}"
+    moved = 0
+    for (n, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5, msg=n)
+        moved += int(p.requires_grad)
+    assert moved
+
+
+def test_group_ids_are_checked():
+    from conftest import routed_llama_config, tiny_llama
+    from peft import get_peft_model
+
+    model = get_peft_model(tiny_llama(), routed_llama_config())
+    assert neuron_peft.group_ids(model, ["de", "fr", "de"]).tolist() == [0, 1, 0]  # config.groups is sorted: de, fr
+    with pytest.raises(neuron_peft.RoutingError, match="unknown group"):
+        neuron_peft.group_ids(model, ["xx"])
+    inputs = make_loss_inputs(ARCH, batch=2, seq=7)
+    with pytest.raises(neuron_peft.RoutingError, match="out of range"):
+        model(**inputs, neuron_groups=torch.tensor([0, 2]))
+    with pytest.raises(neuron_peft.RoutingError, match="1-D integer"):
+        model(**inputs, neuron_groups=torch.tensor([0.0, 1.0]))
