@@ -178,22 +178,21 @@ PRESETS = {
         langs=("fr", "de", "hi", "tr"),
         n_train=300,
         n_dev=50,
-        n_test=100,
-        n_bleu=25,
-        n_forget=50,
+        n_test=50,
+        n_bleu=10,
+        n_forget=40,
         n_calib=16,
-        steps=30,
+        steps=20,
         batch_size=8,
-        max_length=80,
-        max_chars=80,
-        max_new_tokens=32,
+        max_length=96,
+        max_chars=100,
+        max_new_tokens=40,
         seeds=(0, 1, 2),
         budgets=(0.05, 0.25, 1.0),
         methods={
             "0.05": (
                 "taylor",
                 "taylor-agnostic",
-                "taylor-type-rank",
                 "taylor-per-layer",
                 "taylor-global-rank",
                 "random-layers",
@@ -203,12 +202,14 @@ PRESETS = {
                 "dora",
                 "full",
             ),
-            "0.25": ("taylor", "taylor-global-rank", "taylor-per-layer", "random-all", "lora"),
-            "1.0": ("taylor", "random-all", "lora"),
+            "0.25": ("taylor", "random-all", "lora"),
+            "1.0": ("taylor", "random-all"),
         },
         grids={"full": [1e-5, 3e-5, 1e-4], "lora": [3e-4, 1e-3, 3e-3], "neuron": [3e-5, 1e-4, 3e-4]},
         note="3 seeds; budgets ~1.8% and ~10% of linear weights plus the paper setting (40% of layers, all rows); "
-        "30 steps x 8 mixed-language pairs; 50 dev / 100 test pairs per language (NLL), 25 per language decoded",
+        "20 steps x 8 mixed-language pairs (verses <= 100 chars, so the dev books give >= 50 pairs per language); "
+        "50 dev / 50 test pairs per language (NLL), 10 per language decoded; 75 training runs (~2.5 h on a quiet "
+        "2-core host, estimated from ~3.6 s per step and ~30 s per dev pass; not measured end to end)",
     ),  # fmt: skip
 }
 
@@ -535,8 +536,16 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
     log(f"# selection value ({preset_name}): {p.note}")
     log(f"  pairs per split and group: {json.dumps(counts)}")
     plan = {str(nr): methods_for(p, nr) for nr in p.budgets}
+    pairs = {("-" if m == "full" else nr, m) for nr in p.budgets for m in methods_for(p, nr) if m != "zero-shot"}
+    n_runs = sum(len(p.grids[METHODS[m][0]]) + len(p.seeds) - 1 for _, m in pairs)
+    n_tests = len(pairs) * len(p.seeds)
     log(f"  {p.steps} steps x batch {p.batch_size}; seeds {p.seeds}; budgets (Taylor neuron_ratio at layer_ratio "
         f"{LAYER_RATIO}) {p.budgets}; methods {plan}; start grids {p.grids}")  # fmt: skip
+    log(f"  at least {n_runs} training runs of {p.steps} steps (+ up to {p.max_extend} LR extensions per method), "
+        f"{n_tests} test evaluations")  # fmt: skip
+    if args.dry_run:
+        log("  (dry run: budgets are computed after the Taylor scoring pass; stopping before the model loads)")
+        return {"dry_run": True, "counts": counts, "plan": plan, "runs_planned": n_runs}
 
     base, tok = quality.load_model(qp, data, device)
     base.requires_grad_(False)
@@ -569,9 +578,6 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
         results["budgets"] = old.get("budgets", {})
         results["elapsed_before"] = old.get("elapsed_total", 0.0)
         log(f"  resuming: {len(results['runs'])} runs reused from {rpath}")
-    if args.dry_run:
-        log("  (dry run: budgets are computed after the Taylor scoring pass; stopping here)")
-        return {"dry_run": True, "counts": counts, "plan": plan}
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def save():
