@@ -25,6 +25,11 @@ Conventions (documented here because they change the numbers):
 * Neuron split. Each group's neuron scores are divided by that group's mean over all targeted neurons, so a group
   with a larger loss does not dominate. Importance = mean of the normalised scores over groups; variance =
   population variance over groups; owner = argmax group.
+* Ranking options (`select_neurons` keyword arguments, stored on the selection so `decide` repeats them): raw Taylor
+  means differ by module type (k/v/o/down_proj sit above q/gate/up_proj), so a raw layer ranking keeps the same
+  types; ``score_normalization`` ranks within module type, ``row_selection`` replaces the layer step by the top rows
+  of every layer (``"per_layer"``) or one global ranking under a weight budget (``"global"``, ``weight_ratio``).
+  The defaults are the MNAFT ranking above; ``benchmarks/selection_value.py`` measures the alternatives.
 """
 
 from __future__ import annotations
