@@ -445,7 +445,7 @@ def _exact_regex(names) -> str:
 def neuron_config(method: str, selections: dict, base, p: Preset):
     """(NeuronSelectConfig, routed) for an ``ns-*`` method, from the shared Taylor scores."""
     from neuron_peft import NeuronSelectConfig
-    from neuron_peft.model import pick_rows
+    from neuron_peft.tuner import pick_rows
 
     sel = selections[NS_RATIOS.get(method, 0.4)]
     kw = {"train_bias": True, "task_type": "CAUSAL_LM"}

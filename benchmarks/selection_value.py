@@ -395,7 +395,7 @@ def build(method: str, base, bsel: dict, sizes: dict, seed: int):
     from peft import LoraConfig, get_peft_model
 
     from neuron_peft import NeuronSelectConfig
-    from neuron_peft.model import pick_rows
+    from neuron_peft.tuner import pick_rows
 
     model = copy.deepcopy(base)
     torch.manual_seed(seed)

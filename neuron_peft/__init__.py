@@ -1,34 +1,58 @@
 """neuron_peft: neuron-level selective fine-tuning as a Hugging Face PEFT method.
 
 `import neuron_peft` registers the method with PEFT (peft type ``NEURON_SELECT``, prefix ``neuron_select_``), so
-`get_peft_model`, `PeftModel.from_pretrained`, `AutoPeftModel*` and transformers' `load_adapter` work with it.
+`get_peft_model`, `PeftModel.from_pretrained`, `AutoPeftModel*` and transformers' `load_adapter` work with it. It
+also installs the three wrappers of `neuron_peft.tuner.peft_patches` (the adapter's model card on save and push, a
+clear error for corrupt adapter files), for which PEFT has no hook. Nothing else in other libraries is changed.
+
+The method's stages: `neuron_peft.selection` scores neurons and chooses rows; `neuron_peft.tuner` adapts and routes
+them (the PEFT method). Every exception a user can catch is in `neuron_peft.errors`.
 """
 
-from .registration import NEURON_SELECT_PEFT_TYPE, register
+from .errors import (
+    AdapterFileError,
+    AdapterMismatchError,
+    NonFiniteDeltaError,
+    OutputPathError,
+    ResourceMissingError,
+    RoutingError,
+)
+from .selection import NeuronSelection, select_neurons
+from .tuner import (
+    NEURON_SELECT_PEFT_TYPE,
+    Linear,
+    NeuronSelectConfig,
+    NeuronSelectLayer,
+    NeuronSelectModel,
+    allow_nonfinite,
+    group_ids,
+    mark_adapter_updated,
+    peft_patches,
+    register,
+    route,
+)
 
-register()
-
-from .config import NeuronSelectConfig  # noqa: E402
-from .layer import Linear, NeuronSelectLayer, mark_adapter_updated  # noqa: E402
-from .model import AdapterMismatchError, NeuronSelectModel, NonFiniteDeltaError, allow_nonfinite  # noqa: E402
-from .routing import RoutingError, group_ids, route  # noqa: E402
-from .selection import NeuronSelection, select_neurons  # noqa: E402
+peft_patches.install()
 
 __version__ = "0.1.0"
 
 __all__ = [
     "NEURON_SELECT_PEFT_TYPE",
+    "AdapterFileError",
     "AdapterMismatchError",
     "Linear",
     "NeuronSelectConfig",
     "NeuronSelectLayer",
     "NeuronSelectModel",
-    "NonFiniteDeltaError",
-    "allow_nonfinite",
-    "mark_adapter_updated",
     "NeuronSelection",
-    "select_neurons",
-    "route",
-    "group_ids",
+    "NonFiniteDeltaError",
+    "OutputPathError",
+    "ResourceMissingError",
     "RoutingError",
+    "allow_nonfinite",
+    "group_ids",
+    "mark_adapter_updated",
+    "register",
+    "route",
+    "select_neurons",
 ]

@@ -22,12 +22,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from .errors import OutputPathError
+
 PathLike = Union[str, os.PathLike]
 STAGING_PREFIX = ".neuron-peft-tmp-"
-
-
-class OutputPathError(ValueError):
-    """An output path that would overwrite or destroy something the command did not create."""
 
 
 # ------------------------------------------------------------------------------------------------------ atomic write

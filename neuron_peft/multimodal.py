@@ -43,6 +43,7 @@ from torch import nn
 
 from .data import IGNORE_INDEX, OCR_PROMPT, ParallelExample, language_name
 from .selection import PARTS, _linear_out, model_part
+from .tuner.packed_patches import packed_patch_samples, packs_patches  # noqa: F401  (public here too)
 
 IMAGE_TRANSLATION_TEMPLATE = "Translate the text in the picture from {src} into {tgt}. {tgt}:"
 TASKS = ("ocr", "translate")
@@ -118,64 +119,6 @@ def vlm_part_roots(model: nn.Module) -> dict[str, list[str]]:
 def flatten_targets(targets: Mapping[str, Sequence[str]]) -> list[str]:
     """The names of a `vlm_target_modules` result as one list (a ``target_modules`` for PEFT configs)."""
     return [n for names in targets.values() for n in names]
-
-
-def packs_patches(model: nn.Module) -> bool:
-    """True when the vision tower runs on all images' patches packed into one (patches, dim) tensor (Qwen2-VL,
-    Qwen2.5-VL, Qwen3-VL, GLM-4V: the forward takes ``image_grid_thw``). Their vision / projector layers have no
-    sample axis; routing maps their rows to samples with `packed_patch_samples`."""
-    forward = getattr(model, "forward", None)
-    return forward is not None and "image_grid_thw" in inspect.signature(forward).parameters
-
-
-def packed_patch_samples(config, input_ids: Optional[torch.Tensor], image_grid_thw: Optional[torch.Tensor] = None,
-                         video_grid_thw: Optional[torch.Tensor] = None, n_samples: Optional[int] = None
-                         ) -> dict[int, torch.Tensor]:  # fmt: skip
-    """The sample of every row a packed-patch vision tower sees: ``{row count: (rows,) sample indices}``.
-
-    Images (and videos) are packed in batch order; image ``j`` has ``t*h*w`` patch rows in the vision blocks and
-    ``t*h*w / merge**2`` rows after the patch merger, which is also the number of image tokens it fills in
-    ``input_ids``. Walking the samples' image-token counts assigns every image to its sample. Window attention
-    (Qwen2.5-VL) reorders patches only inside an image, so the per-image ranges hold in every block. Returns ``{}``
-    (and routing falls back to agnostic rows, with a warning) when the counts do not add up, e.g. with
-    ``inputs_embeds`` instead of ``input_ids``.
-    """
-    if input_ids is None or config is None:
-        return {}
-    vision = getattr(config, "vision_config", None)
-    merge = int(getattr(vision, "spatial_merge_size", 2) or 1)
-    out: dict[int, torch.Tensor] = {}
-    clashes: set[int] = set()
-    for grid, token in ((image_grid_thw, "image_token_id"), (video_grid_thw, "video_token_id")):
-        token_id = getattr(config, token, None)
-        if grid is None or token_id is None:
-            continue
-        grid = torch.as_tensor(grid).reshape(-1, 3).long().cpu()
-        patches = grid.prod(-1)
-        merged = patches // (merge * merge)
-        per_sample = (torch.as_tensor(input_ids).cpu() == token_id).sum(-1).reshape(-1).tolist()
-        if n_samples is not None and len(per_sample) != n_samples:
-            return {}
-        owner, sample = [], 0
-        for m in merged.tolist():
-            while sample < len(per_sample) and per_sample[sample] == 0:
-                sample += 1
-            if sample == len(per_sample) or per_sample[sample] < m:
-                return {}
-            owner.append(sample)
-            per_sample[sample] -= m
-        if any(per_sample):
-            return {}
-        owner_t = torch.tensor(owner, dtype=torch.long)
-        for counts in (patches, merged):
-            ids = owner_t.repeat_interleave(counts)
-            n = ids.numel()
-            if n in out and not torch.equal(out[n], ids):
-                clashes.add(n)  # two packings of the same length disagree: route neither
-            out[n] = ids
-    for n in clashes:
-        out.pop(n, None)
-    return out
 
 
 def select_vlm_neurons(
@@ -845,7 +788,7 @@ def vlm_generate(
     """
     import contextlib
 
-    from .routing import route
+    from .tuner.routing import route
 
     was_training = model.training
     model.eval()

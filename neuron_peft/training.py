@@ -4,7 +4,7 @@ Routing needs one thing from the training stack: each batch's ``neuron_groups`` 
 `neuron_peft.data.TranslationCollator` builds it from each sample's ``neuron_groups`` (or ``group``) entry. A plain
 ``transformers.Trainer`` with default arguments works: ``remove_unused_columns=True`` keeps the columns named like the
 forward parameters of ``peft_model.get_base_model()``, and the adapted model declares ``neuron_groups`` there
-(`neuron_peft.registration.ForwardWithGroups`); `neuron_peft.data.encode_example` names the column so.
+(`neuron_peft.tuner.groups_keyword.ForwardWithGroups`); `neuron_peft.data.encode_example` names the column so.
 `NeuronSelectTrainer` additionally keeps datasets whose group column is called ``group``. Checkpoints hold the
 adapter only, because Trainer saves a PeftModel through ``save_pretrained``.
 """

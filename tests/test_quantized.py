@@ -19,7 +19,8 @@ from peft import PeftModel, get_peft_model
 from peft.utils.quantization_utils import QuantizationBackend
 from torch import nn
 
-import neuron_peft.layer
+import neuron_peft.tuner.layer
+import neuron_peft.tuner.model
 from neuron_peft import NeuronSelectConfig, NeuronSelectLayer
 
 GROUPS = ["fr", "de"]
@@ -138,7 +139,8 @@ def fake_backend(monkeypatch):
             return kind["cls"](calls)
         return original(base_layer, **kwargs)
 
-    monkeypatch.setattr(neuron_peft.layer, "resolve_quantization_backend", resolve)
+    monkeypatch.setattr(neuron_peft.tuner.layer, "resolve_quantization_backend", resolve)
+    monkeypatch.setattr(neuron_peft.tuner.model, "resolve_quantization_backend", resolve)
     monkeypatch.setattr(peft.utils, "resolve_quantization_backend", resolve)
     return calls, kind
 

@@ -18,8 +18,8 @@ from peft.utils import PeftType
 from safetensors.torch import load_file, save_file
 
 import neuron_peft
-from neuron_peft import AdapterMismatchError, NeuronSelectConfig, model_card
-from neuron_peft.registration import AdapterFileError
+from neuron_peft import AdapterFileError, AdapterMismatchError, NeuronSelectConfig
+from neuron_peft.tuner import model_card
 
 
 def logits(model, inputs):

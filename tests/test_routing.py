@@ -12,8 +12,7 @@ from peft import get_peft_model
 from testing_utils import adapted, dense_reference
 
 import neuron_peft
-from neuron_peft import NeuronSelectConfig
-from neuron_peft.routing import RoutingError
+from neuron_peft import NeuronSelectConfig, RoutingError
 
 GROUPS = ["de", "fr", "hi"]
 

@@ -356,7 +356,7 @@ def test_adapter_file_with_base_weights_is_refused(tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file, save_file
 
-    from neuron_peft.registration import AdapterFileError
+    from neuron_peft import AdapterFileError
 
     _saved_adapter(tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
@@ -379,7 +379,7 @@ def test_lora_file_relabelled_as_neuron_select_is_refused(tmp_path):
     from conftest import TARGETS, tiny_llama
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from neuron_peft.registration import AdapterFileError
+    from neuron_peft import AdapterFileError
 
     lora = get_peft_model(tiny_llama(), LoraConfig(target_modules=TARGETS["llama"], r=2))
     lora.save_pretrained(tmp_path)
@@ -395,7 +395,7 @@ def test_adapter_files_peft_writes_still_load(tmp_path):
     from conftest import tiny_llama
     from peft import PeftModel
 
-    from neuron_peft.registration import AdapterFileError
+    from neuron_peft import AdapterFileError
 
     for sub, extra in [("head", {"target_modules": ["q_proj", "lm_head"]}), ("mts", {"modules_to_save": ["norm"]})]:
         trained = _saved_adapter(tmp_path / sub, **extra)

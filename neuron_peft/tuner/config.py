@@ -12,6 +12,8 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from .peft_type import NEURON_SELECT_PEFT_TYPE
+
 NEURON_INIT_CHOICES = ("magnitude", "random")
 
 
@@ -126,9 +128,6 @@ class NeuronSelectConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        # Deferred import: registration creates the PeftType member this config needs.
-        from .registration import NEURON_SELECT_PEFT_TYPE
-
         self.peft_type = NEURON_SELECT_PEFT_TYPE
         self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
         self.exclude_modules = (

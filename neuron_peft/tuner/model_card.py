@@ -3,7 +3,7 @@
 PEFT writes the card (``library_name: peft``, base model, tags, framework versions); `update_model_card` adds one
 block between two HTML-comment markers, so saving again replaces the block and leaves the rest of the card, including
 the author's edits, alone; the first save puts it right under the title. The block opens with the usage section (``pip install neuron-peft`` and a load snippet
-that imports ``neuron_peft``: without that import PEFT cannot load the adapter, see `neuron_peft.registration`),
+that imports ``neuron_peft``: without that import PEFT cannot load the adapter, see `neuron_peft.tuner.peft_type`),
 then states the base model, target modules, selected rows per module type, language groups, trainable parameters
 (PEFT's ``get_nb_trainable_parameters``, the numbers ``print_trainable_parameters()`` prints) and the settings.
 """

@@ -14,28 +14,24 @@ from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_quantization_kwargs
-from torch import nn
-
-from .config import NeuronSelectConfig, _check_rows
-from .layer import Linear, NeuronSelectLayer
-from .registration import (
-    PREFIX,
-    AdapterFileError,
-    UnsupportedPeftMethods,
-    declare_groups_argument,
-    undeclare_groups_argument,
+from peft.utils import (
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    get_quantization_kwargs,
+    resolve_quantization_backend,
 )
-from .routing import GroupsPreHook, RouteState
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-
-class AdapterMismatchError(ValueError):
-    """An adapter (config or weights) does not fit the model it is being applied to."""
-
-
-class NonFiniteDeltaError(ValueError):
-    """A delta holds NaN or Inf, so saving or merging it would spread a diverged run into files or base weights."""
-
+from ..distributed import gathered_parameters
+from ..errors import AdapterMismatchError, NonFiniteDeltaError
+from .adapter_file import check_adapter_state_dict
+from .config import NeuronSelectConfig, _check_rows
+from .groups_keyword import GroupsPreHook, declare_groups_argument, undeclare_groups_argument
+from .layer import Linear, NeuronSelectLayer
+from .peft_type import PREFIX
+from .routing import RouteState
+from .summary import selection_summary
+from .unsupported import UnsupportedPeftMethods
 
 _ALLOW_NONFINITE = "_neuron_select_allow_nonfinite"
 
@@ -359,149 +355,18 @@ class NeuronSelectModel(UnsupportedPeftMethods, BaseTuner):
     # ------------------------------------------------------------------ loading
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """PEFT's key remapping, then `check_adapter_state_dict`: a mismatch is an error, never a partial load."""
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        cls._refuse_foreign_keys(model, adapter_name, state_dict)
-        for name, module in model.named_modules():
-            if not isinstance(module, NeuronSelectLayer) or adapter_name not in module.neuron_select_indices:
-                continue
-            shown = name.removeprefix("base_model.model.")
-            expected = {
-                f"{name}.neuron_select_delta.{adapter_name}": module.neuron_select_delta[adapter_name].shape,
-                f"{name}.neuron_select_indices.{adapter_name}": module.neuron_select_indices[adapter_name].shape,
-            }
-            if adapter_name in module.neuron_select_bias_delta:
-                expected[f"{name}.neuron_select_bias_delta.{adapter_name}"] = module.neuron_select_bias_delta[
-                    adapter_name
-                ].shape
-            for key, shape in expected.items():
-                if key not in state_dict:
-                    raise AdapterMismatchError(
-                        f"module {shown!r}: adapter file has no tensor {key.rsplit('.', 2)[-2]!r} (incomplete adapter)"
-                    )
-                if tuple(state_dict[key].shape) != tuple(shape):
-                    raise AdapterMismatchError(
-                        f"module {shown!r}: {key.rsplit('.', 2)[-2]} has shape {tuple(state_dict[key].shape)} in the "
-                        f"adapter file but {tuple(shape)} in the model (in_features={module.in_features}, "
-                        f"out_features={module.out_features})"
-                    )
-            rows = state_dict[f"{name}.neuron_select_indices.{adapter_name}"]
-            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= module.out_features):
-                raise AdapterMismatchError(
-                    f"module {shown!r}: adapter row index {int(rows.max())} out of range for "
-                    f"{module.out_features} output rows"
-                )
-            if not torch.equal(rows.cpu().long(), module.neuron_select_indices[adapter_name].cpu()):
-                raise AdapterMismatchError(
-                    f"module {shown!r}: row indices in the adapter file differ from adapter_config.json"
-                )
-            state_dict[f"{name}.neuron_select_indices.{adapter_name}"] = rows.long()
-        return state_dict
-
-    @staticmethod
-    def _refuse_foreign_keys(model: nn.Module, adapter_name: str, state_dict: dict) -> None:
-        """Refuse tensors that are not this adapter's: PEFT loads with ``strict=False``, so without this check a base
-        weight in the file (``model.norm.weight``, ``q_proj.base_layer.weight``) silently overwrites the base model
-        and another method's tensors (a LoRA file whose peft_type was edited) are silently ignored.
-
-        Allowed, exactly what PEFT itself writes for this adapter: the NeuronSelect tensors, the modules PEFT's
-        auxiliary wrappers save (``modules_to_save``, trainable tokens), and the input/output embedding layers that
-        PEFT saves when the vocabulary was resized or ``lm_head`` is targeted (``save_embedding_layers``).
-        """
-        from peft.utils.other import AuxiliaryTrainingWrapper
-
-        peft_prefix = "base_model.model."
-
-        def plain(key: str) -> str:
-            return key.removeprefix("_fsdp_wrapped_module.").removeprefix(peft_prefix)
-
-        allowed: set[str] = set()
-        for name, module in model.named_modules():
-            if isinstance(module, NeuronSelectLayer) and adapter_name in module.neuron_select_indices:
-                for attr in ("neuron_select_delta", "neuron_select_indices", "neuron_select_bias_delta"):
-                    if adapter_name in getattr(module, attr):
-                        allowed.add(plain(f"{name}.{attr}.{adapter_name}"))
-            elif isinstance(module, AuxiliaryTrainingWrapper):
-                allowed.update(plain(f"{name}.{k}") for k in module.adapter_state_dict_load_map(adapter_name).values())
-        embedding_layers = []
-        for getter in ("get_input_embeddings", "get_output_embeddings"):
-            with contextlib.suppress(AttributeError, NotImplementedError):
-                embedding_layers.append(getattr(model, getter)())
-        embedding_ids = {id(layer) for layer in embedding_layers if layer is not None}
-        embedding_prefixes = tuple(plain(f"{n}.") for n, m in model.named_modules() if id(m) in embedding_ids)
-        foreign = sorted(
-            key
-            for key in state_dict
-            if plain(key) not in allowed and not (embedding_prefixes and plain(key).startswith(embedding_prefixes))
-        )
-        if foreign:
-            more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-            shown = ", ".join(repr(plain(k)) for k in foreign[:5]) + more
-            raise AdapterFileError(
-                f"adapter file for adapter {adapter_name!r} holds {len(foreign)} tensor(s) that are not NeuronSelect "
-                f"tensors of this model (base-model weights or another method's tensors): {shown}. Refusing to load "
-                "it: PEFT would silently overwrite the base weights with them or ignore them."
-            )
+        return check_adapter_state_dict(model, adapter_name, state_dict)
 
     # ------------------------------------------------------------------ reporting
     def selection_summary(self, adapter_name: Optional[str] = None) -> dict:
-        """What one adapter trains: layers, rows (in all, per module type, per language group), parameters, settings.
-
-        Used by the model card and the CLI. ``trainable_params``, ``all_params`` and ``trainable_percent`` are PEFT's
-        ``get_nb_trainable_parameters()``, i.e. exactly what ``print_trainable_parameters()`` prints: parameters with
-        ``requires_grad`` (row deltas, bias deltas when ``train_bias``, ``modules_to_save`` copies) over every
-        parameter of the adapted model, adapters included (a model loaded for inference has 0 trainable).
-        ``adapter_params`` counts this adapter's own row and bias deltas whether or not they train now.
-        """
-        from peft import PeftModel
-
-        adapter_name = adapter_name or self.active_adapters[0]
-        config = self.peft_config[adapter_name]
-        layers, rows, total_rows, adapter_params = 0, 0, 0, 0
-        per_group: dict[str, int] = {}
-        per_type: dict[str, dict[str, int]] = {}
-        groups = config.groups
-        for name, module in self.model.named_modules():
-            if isinstance(module, NeuronSelectLayer) and adapter_name in module.neuron_select_indices:
-                layers += 1
-                k = module.num_rows(adapter_name)
-                rows += k
-                total_rows += module.out_features
-                adapter_params += module.neuron_select_delta[adapter_name].numel()
-                if adapter_name in module.neuron_select_bias_delta:
-                    adapter_params += module.neuron_select_bias_delta[adapter_name].numel()
-                kind = per_type.setdefault(name.rsplit(".", 1)[-1], {"layers": 0, "rows": 0, "out_features": 0})
-                kind["layers"] += 1
-                kind["rows"] += k
-                kind["out_features"] += module.out_features
-                rg = module.neuron_select_row_groups[adapter_name]
-                for gid, group in enumerate(groups):
-                    per_group[group] = per_group.get(group, 0) + int((rg == gid).sum())
-        # PEFT's definition, called on the tuner: it only iterates named_parameters(), the same tensors as the PeftModel's
-        trainable, all_params = PeftModel.get_nb_trainable_parameters(self)
-        target = config.target_modules
-        return {
-            "adapter": adapter_name,
-            "layers": layers,
-            "rows": rows,
-            "rows_of_targeted": rows / total_rows if total_rows else 0.0,
-            "language_rows": per_group,
-            "module_types": dict(sorted(per_type.items())),
-            "groups": list(groups),
-            "target_modules": sorted(target) if isinstance(target, (set, list, tuple)) else target,
-            "trainable_params": trainable,
-            "all_params": all_params,
-            "trainable_percent": 100.0 * trainable / all_params if all_params else 0.0,
-            "adapter_params": adapter_params,
-            "settings": {
-                key: getattr(config, key)
-                for key in ("neuron_ratio", "neuron_init", "seed", "train_bias", "update_path", "modules_to_save")
-            },
-        }
+        """What one adapter trains (layers, rows per module type and group, parameters, settings); see
+        `neuron_peft.tuner.summary.selection_summary`. Used by the model card and the CLI."""
+        return selection_summary(self, adapter_name)
 
 
 def _out_features(base: nn.Module, name: str) -> int:
-    from transformers.pytorch_utils import Conv1D
-
     if isinstance(base, Conv1D):
         return base.weight.shape[1]
     out = getattr(base, "out_features", None)
@@ -512,11 +377,6 @@ def _out_features(base: nn.Module, name: str) -> int:
 
 def _weight_rows(base: nn.Module, name: str) -> torch.Tensor:
     """The weight as (out, in) rows, dequantized when needed (magnitude picks read it once)."""
-    from peft.utils import resolve_quantization_backend
-    from transformers.pytorch_utils import Conv1D
-
-    from .distributed import gathered_parameters
-
     backend = resolve_quantization_backend(base)
     if backend is not None:
         return backend.get_base_weight(base).float()

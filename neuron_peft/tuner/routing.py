@@ -4,14 +4,14 @@ The forward never changes (every delta applies to every sample: one model at inf
 gradient is routed: each layer turns the batch's group names into a (samples x k) 0/1 mask that the sparse
 backward multiplies into ``grad_out[..., rows]`` before ``^T @ x``. Agnostic rows see every sample.
 
-Groups reach the layers through one `RouteState` per model, set by ``model(**batch, neuron_groups=[...])`` or by
-``with neuron_peft.route(model, groups):``. The state stays set until the next top-level forward, so gradient
+Groups reach the layers through one `RouteState` per model, set by ``model(**batch, neuron_groups=[...])`` (see
+`neuron_peft.tuner.groups_keyword`) or by ``with neuron_peft.route(model, groups):``. The state stays set until the next top-level forward, so gradient
 checkpointing (which re-runs layer forwards during backward) sees the same groups as the original forward.
 
 Vision towers that pack every image's patches into one ``(patches, dim)`` tensor (Qwen2-VL, Qwen2.5-VL: the
 forward takes ``image_grid_thw``) have no sample axis. For them the pre-hook maps each packed row to its sample
 from ``image_grid_thw`` / ``video_grid_thw`` and the image tokens in ``input_ids``
-(`neuron_peft.multimodal.packed_patch_samples`), so their language-specific rows are routed too.
+(`neuron_peft.tuner.packed_patches`), so their language-specific rows are routed too.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ from typing import Optional
 
 import torch
 
-
-class RoutingError(ValueError):
-    """Group names that do not fit the adapter's language groups."""
+from ..errors import RoutingError
+from .packed_patches import packed_patch_samples
 
 
 class RouteState:
@@ -113,8 +112,6 @@ class RouteState:
             return
         if kwargs.get("image_grid_thw") is None and kwargs.get("video_grid_thw") is None:
             return
-        from .multimodal import packed_patch_samples
-
         self._ids = {}  # cached packed maps belong to the previous call
         self.packed = packed_patch_samples(
             getattr(module, "config", None), kwargs.get("input_ids"), kwargs.get("image_grid_thw"),
@@ -176,50 +173,6 @@ class RouteState:
                     self._warned_batch = True
                 return (row_groups == -1).unsqueeze(0)
         return (row_groups == -1).unsqueeze(0) | (row_groups.unsqueeze(0) == ids.unsqueeze(1))
-
-
-class GroupsPreHook:
-    """Forward pre-hook on the adapted model: takes ``neuron_groups`` out of the call and sets the route state.
-
-    A hook (rather than a PeftModel override) makes the keyword work on every entry point: PeftModel's task
-    classes, plain PeftModel, and a transformers model that loaded the adapter with ``load_adapter``.
-    """
-
-    def __init__(self, state: RouteState) -> None:
-        self.state = state
-
-    def __call__(self, module, args, kwargs):
-        groups = kwargs.pop("neuron_groups", None)
-        for fallback in (self.state.call_groups, self.state.context_groups):
-            if groups is None:
-                groups = fallback
-        if groups is not None and not isinstance(groups, str) and torch.is_grad_enabled():
-            _check_batch_size(groups, args, kwargs)
-        self.state.set(groups)
-        self.state.set_packed(module, kwargs)
-        return args, kwargs
-
-
-# the model inputs whose first dimension is the number of samples, in the order they are looked for
-_BATCH_INPUTS = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")
-
-
-def _check_batch_size(groups, args: tuple, kwargs: dict) -> None:
-    """One group name per sample: a list of another length would route by the wrong samples (or, before this check,
-    silently give the language rows no gradient). Only checked when gradients are on: routing changes gradients
-    only, and generation (beam search expands the batch) may keep a `route()` block's groups."""
-    found = [(k, kwargs[k]) for k in _BATCH_INPUTS if isinstance(kwargs.get(k), torch.Tensor)]
-    if not found and args and isinstance(args[0], torch.Tensor):
-        found = [("the first positional input", args[0])]
-    if not found or found[0][1].dim() < 2:  # no batch axis to compare with (e.g. a single unbatched sample)
-        return
-    name, tensor = found[0]
-    n_groups, batch = len(groups), tensor.shape[0]
-    if n_groups != batch:
-        raise RoutingError(
-            f"neuron_groups has {n_groups} group name(s) but the batch has {batch} samples ({name} has shape "
-            f"{tuple(tensor.shape)}); give exactly one group name per sample"
-        )
 
 
 def route_state(model) -> RouteState:

@@ -1,0 +1,101 @@
+"""Checking an adapter file's tensors against the model on load, so a mismatch is an error, never a partial load.
+
+PEFT loads adapter weights with ``strict=False``; `check_adapter_state_dict` (called from the tuner's
+``_remap_adapter_state_dict_for_load`` hook, after PEFT's own key remapping) refuses missing tensors, wrong shapes,
+out-of-range or changed row indices (`AdapterMismatchError`) and tensors that are not this adapter's
+(`AdapterFileError`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+
+from ..errors import AdapterFileError, AdapterMismatchError
+from .layer import NeuronSelectLayer
+
+
+def check_adapter_state_dict(model: nn.Module, adapter_name: str, state_dict: dict) -> dict:
+    """Validate the (already remapped) state dict of `adapter_name` against `model`; returns it with int64 rows."""
+    refuse_foreign_keys(model, adapter_name, state_dict)
+    for name, module in model.named_modules():
+        if not isinstance(module, NeuronSelectLayer) or adapter_name not in module.neuron_select_indices:
+            continue
+        shown = name.removeprefix("base_model.model.")
+        expected = {
+            f"{name}.neuron_select_delta.{adapter_name}": module.neuron_select_delta[adapter_name].shape,
+            f"{name}.neuron_select_indices.{adapter_name}": module.neuron_select_indices[adapter_name].shape,
+        }
+        if adapter_name in module.neuron_select_bias_delta:
+            expected[f"{name}.neuron_select_bias_delta.{adapter_name}"] = module.neuron_select_bias_delta[
+                adapter_name
+            ].shape
+        for key, shape in expected.items():
+            if key not in state_dict:
+                raise AdapterMismatchError(
+                    f"module {shown!r}: adapter file has no tensor {key.rsplit('.', 2)[-2]!r} (incomplete adapter)"
+                )
+            if tuple(state_dict[key].shape) != tuple(shape):
+                raise AdapterMismatchError(
+                    f"module {shown!r}: {key.rsplit('.', 2)[-2]} has shape {tuple(state_dict[key].shape)} in the "
+                    f"adapter file but {tuple(shape)} in the model (in_features={module.in_features}, "
+                    f"out_features={module.out_features})"
+                )
+        rows = state_dict[f"{name}.neuron_select_indices.{adapter_name}"]
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= module.out_features):
+            raise AdapterMismatchError(
+                f"module {shown!r}: adapter row index {int(rows.max())} out of range for "
+                f"{module.out_features} output rows"
+            )
+        if not torch.equal(rows.cpu().long(), module.neuron_select_indices[adapter_name].cpu()):
+            raise AdapterMismatchError(
+                f"module {shown!r}: row indices in the adapter file differ from adapter_config.json"
+            )
+        state_dict[f"{name}.neuron_select_indices.{adapter_name}"] = rows.long()
+    return state_dict
+
+
+def refuse_foreign_keys(model: nn.Module, adapter_name: str, state_dict: dict) -> None:
+    """Refuse tensors that are not this adapter's: PEFT loads with ``strict=False``, so without this check a base
+    weight in the file (``model.norm.weight``, ``q_proj.base_layer.weight``) silently overwrites the base model
+    and another method's tensors (a LoRA file whose peft_type was edited) are silently ignored.
+
+    Allowed, exactly what PEFT itself writes for this adapter: the NeuronSelect tensors, the modules PEFT's
+    auxiliary wrappers save (``modules_to_save``, trainable tokens), and the input/output embedding layers that
+    PEFT saves when the vocabulary was resized or ``lm_head`` is targeted (``save_embedding_layers``).
+    """
+    peft_prefix = "base_model.model."
+
+    def plain(key: str) -> str:
+        return key.removeprefix("_fsdp_wrapped_module.").removeprefix(peft_prefix)
+
+    allowed: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, NeuronSelectLayer) and adapter_name in module.neuron_select_indices:
+            for attr in ("neuron_select_delta", "neuron_select_indices", "neuron_select_bias_delta"):
+                if adapter_name in getattr(module, attr):
+                    allowed.add(plain(f"{name}.{attr}.{adapter_name}"))
+        elif isinstance(module, AuxiliaryTrainingWrapper):
+            allowed.update(plain(f"{name}.{k}") for k in module.adapter_state_dict_load_map(adapter_name).values())
+    embedding_layers = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        with contextlib.suppress(AttributeError, NotImplementedError):
+            embedding_layers.append(getattr(model, getter)())
+    embedding_ids = {id(layer) for layer in embedding_layers if layer is not None}
+    embedding_prefixes = tuple(plain(f"{n}.") for n, m in model.named_modules() if id(m) in embedding_ids)
+    foreign = sorted(
+        key
+        for key in state_dict
+        if plain(key) not in allowed and not (embedding_prefixes and plain(key).startswith(embedding_prefixes))
+    )
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        shown = ", ".join(repr(plain(k)) for k in foreign[:5]) + more
+        raise AdapterFileError(
+            f"adapter file for adapter {adapter_name!r} holds {len(foreign)} tensor(s) that are not NeuronSelect "
+            f"tensors of this model (base-model weights or another method's tensors): {shown}. Refusing to load "
+            "it: PEFT would silently overwrite the base weights with them or ignore them."
+        )
