@@ -68,12 +68,10 @@ class RowsWritten:
         self.rows, self.delta, self.bias_delta = rows, delta, bias_delta
 
     def __enter__(self):
-        rows, w = self.rows, self.w
-        self.orig_w = w.index_select(0, rows)
-        w.index_copy_(0, rows, (self.orig_w.float() + self.delta.detach().float()).to(w.dtype))
+        rows = self.rows
+        self.orig_w = _add_rows(self.w, rows, self.delta.detach())
         if self.b is not None:
-            self.orig_b = self.b.index_select(0, rows)
-            self.b.index_copy_(0, rows, (self.orig_b.float() + self.bias_delta.detach().float()).to(self.b.dtype))
+            self.orig_b = _add_rows(self.b, rows, self.bias_delta.detach())
         return self
 
     def __exit__(self, *exc):
@@ -81,6 +79,17 @@ class RowsWritten:
         if self.b is not None:
             self.b.index_copy_(0, self.rows, self.orig_b)
         return False
+
+
+def _add_rows(t: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``t[rows] += delta`` rounded as merging rounds it (sum in fp32, one rounding to t's dtype); returns the
+    original rows. Same dtypes: one in-place ``index_add_`` (no (k, in) temporary beyond the saved originals)."""
+    orig = t.index_select(0, rows)
+    if delta.dtype == t.dtype:
+        t.index_add_(0, rows, delta)
+    else:
+        t.index_copy_(0, rows, (orig.float() + delta.float()).to(t.dtype))
+    return orig
 
 
 class LiveRowsLinear(torch.autograd.Function):
