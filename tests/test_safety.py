@@ -555,3 +555,22 @@ def test_merge_refuses_nan_delta_and_leaves_base_weights_untouched():
     merged = model.merge_and_unload(allow_nonfinite=True)
     weight = merged.model.layers[1].self_attn.q_proj.weight
     torch.testing.assert_close(weight, expected, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    "rows, error, match",
+    [
+        ([1.7], TypeError, "row index 1.7 is not an integer"),
+        (torch.tensor([0.5]), TypeError, "not an integer"),
+        (torch.tensor([True, False]), TypeError, "booleans"),
+        ([-1], ValueError, "row index -1 is negative"),
+    ],
+)
+def test_layer_refuses_rows_that_are_not_indices(rows, error, match):
+    """Calling the layer directly gets the config's row check too (torch.as_tensor would truncate or map to 0/1)."""
+    from neuron_peft import Linear
+
+    with pytest.raises(error, match=match):
+        Linear(torch.nn.Linear(4, 6), "default", rows, torch.full((1,), -1))
+    layer = Linear(torch.nn.Linear(4, 6), "default", torch.tensor([3, 1]), torch.tensor([-1, -1]))
+    assert layer.neuron_select_indices["default"].tolist() == [3, 1]

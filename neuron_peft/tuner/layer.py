@@ -32,6 +32,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..autograd import AddRowDelta, DenseDeltaLinear, LiveRowsLinear, RowDeltaLinear
+from .config import _check_rows
 
 
 def mark_adapter_updated() -> None:
@@ -94,7 +95,10 @@ class NeuronSelectLayer(BaseTunerLayer):
         inference_mode: bool = False,
         **kwargs,
     ) -> None:
-        rows = torch.as_tensor(rows, dtype=torch.long).flatten()
+        if isinstance(rows, torch.Tensor) and not (rows.is_floating_point() or rows.dtype == torch.bool):
+            rows = rows.flatten().tolist()
+        # floats, booleans and negatives are refused with the value given, never converted (as_tensor would truncate)
+        rows = torch.tensor(_check_rows(f"update_layer({adapter_name!r})", rows), dtype=torch.long)
         k = rows.numel()
         if k == 0:
             raise ValueError("NeuronSelect: a layer needs at least one selected row")
