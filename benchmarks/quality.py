@@ -790,7 +790,7 @@ BOOTSTRAP_SAMPLES = 1000
 def _metric(name: str, tgt_lang: str):
     import sacrebleu
 
-    from neuron_peft.data import _SACREBLEU_TOKENIZE
+    from neuron_peft.data.evaluation import _SACREBLEU_TOKENIZE
 
     if name == "bleu":
         return sacrebleu.metrics.BLEU(tokenize=_SACREBLEU_TOKENIZE.get(tgt_lang, "13a"))

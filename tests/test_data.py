@@ -9,6 +9,7 @@ from transformers import PreTrainedTokenizerFast
 
 from neuron_peft import data as D
 from neuron_peft.data import IGNORE_INDEX, ParallelExample
+from neuron_peft.data.evaluation import _StopAtNewline
 
 WORDS = "Translate the text from English into French German . : hello world bonjour le monde hallo welt".split()
 
@@ -206,7 +207,7 @@ def test_translate_runs_a_real_tiny_model(tok):
 
 def test_stop_criterion_is_per_row(tok):
     newline = tok.convert_tokens_to_ids("\n")
-    stop = D._StopAtNewline(tok, prompt_len=1)
+    stop = _StopAtNewline(tok, prompt_len=1)
     done = stop(torch.tensor([[1, 5, newline], [1, 5, 6]]), None)
     assert done.tolist() == [True, False]
 
@@ -234,7 +235,7 @@ def test_stop_at_newline_stops_where_transformers_stop_strings_stops(tok):
         w = model.lm_head.weight
         w[[newline, token]] = w[[token, newline]]
         ours = model.generate(
-            **batch, **common, stopping_criteria=StoppingCriteriaList([D._StopAtNewline(tok2, prompt_len)])
+            **batch, **common, stopping_criteria=StoppingCriteriaList([_StopAtNewline(tok2, prompt_len)])
         )
         theirs = model.generate(**batch, **common, stop_strings=["\n"], tokenizer=tok2)
     assert torch.equal(ours, theirs)

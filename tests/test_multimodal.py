@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 
 import neuron_peft
-from neuron_peft import multimodal as mm
-from neuron_peft.data import IGNORE_INDEX, OCR_PROMPT, ParallelExample
+from neuron_peft.data import IGNORE_INDEX, OCR_PROMPT, ParallelExample, images
 from neuron_peft.multimodal import (
     ImageTranslationDataset,
     RenderedTranslationDataset,
@@ -29,6 +28,7 @@ from neuron_peft.multimodal import (
     wrap_text,
 )
 from neuron_peft.selection import _position_weights, model_part
+from neuron_peft.tuner.packed_patches import packed_patch_samples, packs_patches
 
 TOK = char_tokenizer(["<image>"])  # <image> = 4
 V = len(TOK) + 4  # room for Qwen / Gemma image, boi/start, eoi/end ids above the tokenizer's
@@ -184,12 +184,12 @@ def test_rendering_is_deterministic_and_varied(dataset):
 
 def test_wrap_and_font_fallback(monkeypatch):
     fonts = find_fonts("Hello")
-    font = mm._load_font(fonts[0] if fonts else None, 12)
+    font = images._load_font(fonts[0] if fonts else None, 12)
     lines = wrap_text("a fairly long sentence that must wrap over several lines", font, 60)
-    assert len(lines) > 2 and all(mm._text_width(font, ln) <= 60 or " " not in ln for ln in lines)
+    assert len(lines) > 2 and all(images._text_width(font, ln) <= 60 or " " not in ln for ln in lines)
     assert "".join(wrap_text("abcdefghij", font, 20)) == "abcdefghij"  # no spaces: breaks by character
-    monkeypatch.setattr(mm, "font_dirs", lambda: [])
-    mm._WARNED.discard("nofont")
+    monkeypatch.setattr(images, "font_dirs", lambda: [])
+    images._WARNED.discard("nofont")
     with pytest.warns(UserWarning, match="no font file found"):
         img = render_text_image("Hello world", seed=3, size=(64, 32))
     assert len(np.unique(np.asarray(img).reshape(-1, 3), axis=0)) > 2
@@ -199,7 +199,7 @@ def test_font_coverage_for_devanagari():
     hindi = "आदि में परमेश्वर ने"
     covering = find_fonts(hindi)
     for path in covering:  # with fonts-noto-core: NotoSans/SerifDevanagari; without: none, and rendering warns
-        assert {ord(c) for c in hindi if not c.isspace()} <= mm._cmap(path)
+        assert {ord(c) for c in hindi if not c.isspace()} <= images._cmap(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         img = render_text_image(hindi, seed=0, size=(96, 48))
@@ -327,7 +327,7 @@ def test_selection_budgets_each_part(arch, dataset):
         assert float(sel.neuron_scores[name].sum()) > 0, name
     specific = {model_part(n) for g in sel.language_neurons.values() for n in g}
     assert specific == rows_parts  # Qwen2-VL's packed patches are routed too (test_packed_patch_routing_...)
-    assert mm.packs_patches(model) == (arch == "qwen2_vl")
+    assert packs_patches(model) == (arch == "qwen2_vl")
     shared = select_vlm_neurons(model, calib, layer_ratio=ratios, neuron_ratio=0.5, specific_ratio=0.25,
                                 specific_parts=None, progress=False)  # fmt: skip
     assert shared.language_neurons == {} and shared.kept_layers == sel.kept_layers
@@ -514,9 +514,9 @@ def test_packed_patch_samples_assigns_images_to_samples():
     # sample 0: no image; sample 1: two images (4 + 2 merged tokens); sample 2: one image (4 merged tokens)
     ids = torch.tensor([[1, 2, 3, 0, 0, 0, 0, 0], [9, 9, 9, 9, 9, 9, 5, 0], [9, 9, 9, 9, 1, 1, 1, 1]])
     grid = torch.tensor([[1, 4, 4], [1, 2, 4], [1, 4, 4]])  # 16, 8, 16 patches -> 4, 2, 4 merged tokens
-    out = mm.packed_patch_samples(cfg, ids, grid, n_samples=3)
+    out = packed_patch_samples(cfg, ids, grid, n_samples=3)
     assert out[40].tolist() == [1] * 16 + [1] * 8 + [2] * 16
     assert out[10].tolist() == [1] * 4 + [1] * 2 + [2] * 4
-    assert mm.packed_patch_samples(cfg, ids, grid[:2], n_samples=3) == {}  # tokens without images
-    assert mm.packed_patch_samples(cfg, None, grid) == {}  # inputs_embeds: cannot map
-    assert mm.packed_patch_samples(cfg, ids, grid, n_samples=2) == {}  # groups do not match the batch
+    assert packed_patch_samples(cfg, ids, grid[:2], n_samples=3) == {}  # tokens without images
+    assert packed_patch_samples(cfg, None, grid) == {}  # inputs_embeds: cannot map
+    assert packed_patch_samples(cfg, ids, grid, n_samples=2) == {}  # groups do not match the batch
