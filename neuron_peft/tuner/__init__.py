@@ -1,8 +1,8 @@
 """Adapt: the NeuronSelect PEFT method itself (PEFT's tuner contract: config, layer, model).
 
 * `config.py` — `NeuronSelectConfig`, the whole adapter description (which rows of which layers, who owns them).
-* `layer.py` — the tuner layer: row deltas, merge / unmerge, the forward paths (their sparse backward is still
-  `neuron_peft/autograd.py`, being edited elsewhere; it moves into this package next).
+* `layer.py` — the tuner layer: row deltas, merge / unmerge, the forward paths; `autograd.py` — their sparse
+  backward (live rows, additive rows, dense delta).
 * `model.py` — `NeuronSelectModel`, the thin `BaseTuner` that injects layers and resolves rows;
   `adapter_file.py` checks adapter files on load, `summary.py` reports what an adapter trains,
   `unsupported.py` names the PEFT methods that do not apply.

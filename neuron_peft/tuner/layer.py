@@ -31,7 +31,7 @@ from peft.utils import resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..autograd import AddRowDelta, DenseDeltaLinear, LiveRowsLinear, RowDeltaLinear
+from .autograd import AddRowDelta, DenseDeltaLinear, LiveRowsLinear, RowDeltaLinear
 from .config import _check_rows
 
 
