@@ -81,9 +81,8 @@ from neuron_peft.data import (
     TranslationCollator,
     calibration_batches,
     encode_examples,
-    score_translations,
-    translate,
 )
+from neuron_peft.evaluation import score_translations, translate
 from neuron_peft.fileio import atomic_path, atomic_write_json, atomic_write_text, check_output_dir, check_output_file
 
 MiB = 1024 * 1024
@@ -790,7 +789,7 @@ BOOTSTRAP_SAMPLES = 1000
 def _metric(name: str, tgt_lang: str):
     import sacrebleu
 
-    from neuron_peft.data.evaluation import _SACREBLEU_TOKENIZE
+    from neuron_peft.evaluation import _SACREBLEU_TOKENIZE
 
     if name == "bleu":
         return sacrebleu.metrics.BLEU(tokenize=_SACREBLEU_TOKENIZE.get(tgt_lang, "13a"))

@@ -595,7 +595,7 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
     def decode(model) -> dict:
         if not bleu_examples:
             return {}
-        from neuron_peft.data import score_translations, translate
+        from neuron_peft.evaluation import score_translations, translate
 
         t = time.perf_counter()
         hyps = translate(model, tok, bleu_examples, max_new_tokens=p.max_new_tokens, batch_size=p.eval_batch_size)

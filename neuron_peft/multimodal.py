@@ -13,7 +13,7 @@ The VLM pieces live with their stage; this module gathers them under the name th
   `ImageTranslationDataset`, fonts.
 * **Batches** (`neuron_peft.data.vlm_batches`): `VLMInputs`, `vlm_features`, `vlm_calibration_batches`; the
   instructions are in `neuron_peft.data.prompts` (`task_prompt`).
-* **Generation** (`neuron_peft.data.evaluation`): `vlm_generate`. **Routing** of packed-patch vision towers
+* **Generation** (`neuron_peft.evaluation`): `vlm_generate`. **Routing** of packed-patch vision towers
   (Qwen2-VL and kin): `neuron_peft.tuner.packed_patches`.
 """
 
@@ -25,7 +25,6 @@ from typing import Any, Union
 from torch import nn
 
 from .data.char_tokenizer import char_tokenizer
-from .data.evaluation import vlm_generate
 from .data.images import (
     FONT_DIRS_ENV,
     ImageTranslationDataset,
@@ -38,6 +37,7 @@ from .data.images import (
 )
 from .data.prompts import IMAGE_TRANSLATION_TEMPLATE, TASKS, task_prompt
 from .data.vlm_batches import VLMInputs, vlm_calibration_batches, vlm_features
+from .evaluation import vlm_generate
 from .selection import PARTS, _linear_out, model_part, select_neurons
 from .tuner.packed_patches import packed_patch_samples, packs_patches
 

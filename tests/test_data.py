@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerFast
 
 from neuron_peft import data as D
 from neuron_peft.data import IGNORE_INDEX, ParallelExample
-from neuron_peft.data.evaluation import _StopAtNewline
+from neuron_peft.evaluation import _StopAtNewline, score_translations, translate
 
 WORDS = "Translate the text from English into French German . : hello world bonjour le monde hallo welt".split()
 
@@ -189,7 +189,7 @@ def test_translate_strips_prompt_and_stops_at_newline(tok):
         seen.append(groups)
         return torch.no_grad()
 
-    hyps = D.translate(model, tok, [EX, EX_DE, EX], max_new_tokens=10, batch_size=2, batch_context=ctx)
+    hyps = translate(model, tok, [EX, EX_DE, EX], max_new_tokens=10, batch_size=2, batch_context=ctx)
     assert hyps == ["bonjour le"] * 3
     assert seen == [["en-fr", "en-de"], ["en-fr"]]
     assert model.training  # mode restored
@@ -201,7 +201,7 @@ def test_translate_runs_a_real_tiny_model(tok):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)  # fmt: skip
-    hyps = D.translate(LlamaForCausalLM(cfg), tok, [EX, EX_DE], max_new_tokens=3, batch_size=2)
+    hyps = translate(LlamaForCausalLM(cfg), tok, [EX, EX_DE], max_new_tokens=3, batch_size=2)
     assert len(hyps) == 2 and all(isinstance(h, str) and "\n" not in h for h in hyps)
 
 
@@ -248,13 +248,13 @@ def test_stop_at_newline_stops_where_transformers_stop_strings_stops(tok):
 
 
 def test_score_translations():
-    s = D.score_translations(["the cat sat on the mat"], ["the cat sat on the mat"])
+    s = score_translations(["the cat sat on the mat"], ["the cat sat on the mat"])
     assert s["bleu"] == pytest.approx(100) and s["chrf"] == pytest.approx(100) and s["n"] == 1
     assert "nrefs:1" in s["bleu_signature"] and "tok:13a" in s["bleu_signature"]
-    assert "tok:zh" in D.score_translations(["猫"], ["猫"], tgt_lang="zh")["bleu_signature"]
-    assert D.score_translations(["a dog"], ["the cat sat on the mat"])["bleu"] < 10
+    assert "tok:zh" in score_translations(["猫"], ["猫"], tgt_lang="zh")["bleu_signature"]
+    assert score_translations(["a dog"], ["the cat sat on the mat"])["bleu"] < 10
     with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
-        D.score_translations(["a", "b"], ["a"])
+        score_translations(["a", "b"], ["a"])
 
 
 # ---------------------------------------------------------------------------------------------------------- loaders

@@ -1,10 +1,9 @@
-"""Data for translation fine-tuning, neuron calibration and evaluation; nothing here downloads.
+"""Data for translation fine-tuning, neuron calibration and evaluation (`neuron_peft.evaluation`); nothing downloads.
 
 * `corpus.py` — `ParallelExample`, your own files (`load_parallel`) and the Bible verses (`bible_pairs`).
 * `prompts.py` — the MNAFT instructions (text translation, few-shot prefixes, the image tasks).
 * `collate.py` — tokenized features with loss on the answer only, `TranslationCollator`, calibration batches.
 * `images.py` — text rendered into images and image-translation datasets; `vlm_batches.py` — VLM inputs.
-* `evaluation.py` — greedy translation (text and image) and sacrebleu scores.
 * `char_tokenizer.py` — an in-memory character tokenizer for models built from a config.
 """
 
@@ -30,7 +29,6 @@ from .corpus import (
     clean_verse,
     load_parallel,
 )
-from .evaluation import score_translations, translate, vlm_generate
 from .images import ImageTranslationDataset, ImageTranslationExample, RenderedTranslationDataset, render_text_image
 from .prompts import (
     IMAGE_TRANSLATION_TEMPLATE,
@@ -78,11 +76,8 @@ __all__ = [
     "load_parallel",
     "ocr_prompt",
     "render_text_image",
-    "score_translations",
     "task_prompt",
-    "translate",
     "translation_prompt",
     "vlm_calibration_batches",
     "vlm_features",
-    "vlm_generate",
 ]

@@ -14,12 +14,12 @@ import torch
 from torch import nn
 from transformers import StoppingCriteriaList
 
-from ..tuner.routing import route
-from .collate import generation_prompts, padding_id
-from .corpus import ParallelExample
-from .images import ImageTranslationExample
-from .prompts import TRANSLATION_TEMPLATE, task_prompt
-from .vlm_batches import VLMInputs
+from .data.collate import generation_prompts, padding_id
+from .data.corpus import ParallelExample
+from .data.images import ImageTranslationExample
+from .data.prompts import TRANSLATION_TEMPLATE, task_prompt
+from .data.vlm_batches import VLMInputs
+from .tuner.routing import route
 
 
 class _StopAtNewline:
