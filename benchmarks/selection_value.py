@@ -451,7 +451,7 @@ def parse_args(argv):
     ap.add_argument("--methods", default=None, help=f"comma list, applied to every budget; from {','.join(METHODS)}")
     ap.add_argument("--budgets", default=None, help="comma list of Taylor neuron_ratio values (at layer_ratio 0.4)")
     ap.add_argument("--seeds", default=None, help="comma list of seeds (the first one tunes the learning rate)")
-    for name in ("steps", "n_train", "n_dev", "n_test", "n_bleu", "n_forget", "threads"):
+    for name in ("steps", "n_train", "n_dev", "n_test", "n_bleu", "n_forget", "threads", "max_extend"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     ap.add_argument("--model", default=None)
     ap.add_argument("--lrs", default=None, help="JSON start grids per family, e.g. '{\"neuron\": [1e-4, 3e-4]}'")
@@ -466,7 +466,7 @@ def parse_args(argv):
 def resolve_preset(args) -> Preset:
     p = PRESETS["quick" if args.quick else args.preset]
     over: dict = {}
-    for k in ("steps", "n_train", "n_dev", "n_test", "n_bleu", "n_forget", "threads", "model"):
+    for k in ("steps", "n_train", "n_dev", "n_test", "n_bleu", "n_forget", "threads", "model", "max_extend"):
         if getattr(args, k) is not None:
             over[k] = getattr(args, k)
     if args.budgets:
