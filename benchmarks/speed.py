@@ -323,7 +323,6 @@ def measure_inference(preset: Preset, ids: torch.Tensor, rounds: int, steps: int
             for n, p in models[name].named_parameters():
                 if "neuron_select_delta" in n:
                     p.normal_(0, 1e-3)
-        neuron_peft.mark_adapter_updated()
     models["neuron-10 merged"].merge_adapter()
     times = {k: [] for k in models}
     with torch.no_grad():

@@ -349,7 +349,6 @@ def _randomise_deltas(model, seed=0):
         for n, p in model.named_parameters():
             if "neuron_select_" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    neuron_peft.mark_adapter_updated()
 
 
 def test_routing_save_load_merge_on_llava(dataset, tmp_path):
