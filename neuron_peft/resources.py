@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import ResourceMissingError
+from .fileio import atomic_dir
 
 DEFAULT_MODEL = "gemma3-270m"
 MODEL_ALIASES = ("gemma3-270m", "default")
@@ -102,8 +103,6 @@ def build_cache(target: Path, convert) -> Path:
     never a half-written `target`. An incomplete `target` (no marker) is replaced; if another process finished
     first, its result is kept and ours discarded.
     """
-    from .fileio import atomic_dir
-
     def write(tmp: Path) -> None:
         convert(tmp)
         os.chmod(tmp, 0o755)  # the cache is an ordinary shared folder

@@ -8,8 +8,8 @@ import pickle
 
 import pytest
 import torch
-from conftest import TARGETS, make_inputs, make_loss_inputs, make_model
 from peft import PeftConfig, PeftModel, get_peft_model
+from tiny_models import TARGETS, make_inputs, make_loss_inputs, make_model
 
 from neuron_peft import NeuronSelectConfig, NeuronSelectLayer
 

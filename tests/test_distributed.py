@@ -18,8 +18,8 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import VOCAB, routed_llama_config, tiny_qwen2
 from peft import get_peft_model
+from tiny_models import VOCAB, routed_llama_config, tiny_qwen2
 
 from neuron_peft import NeuronSelectConfig, NeuronSelectLayer, select_neurons
 from neuron_peft.distributed import prepare_for_sharding

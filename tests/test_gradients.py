@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_loss_inputs
 from testing_utils import adapted, assert_grads_match, build, dense_reference
+from tiny_models import make_loss_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 

@@ -14,9 +14,9 @@ import copy
 import peft.utils
 import pytest
 import torch
-from conftest import VOCAB, routed_llama_config, tiny_llama
 from peft import PeftModel, get_peft_model
 from peft.utils.quantization_utils import QuantizationBackend
+from tiny_models import VOCAB, routed_llama_config, tiny_llama
 from torch import nn
 
 import neuron_peft.tuner.layer

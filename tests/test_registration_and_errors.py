@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TARGETS, make_inputs, make_model
 from peft import AutoPeftModelForCausalLM, AutoPeftModelForSeq2SeqLM, PeftConfig, PeftModel, get_peft_model
 from peft.utils import PeftType
 from safetensors.torch import load_file, save_file
+from tiny_models import TARGETS, make_inputs, make_model
 
 import neuron_peft
 from neuron_peft import AdapterFileError, AdapterMismatchError, NeuronSelectConfig

@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TARGETS, VOCAB, make_model
 from peft import get_peft_model
 from testing_utils import adapted, dense_reference
+from tiny_models import TARGETS, VOCAB, make_model
 
 import neuron_peft
 from neuron_peft import NeuronSelectConfig, RoutingError

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from testing_utils import load_benchmark
+from tiny_models import TARGETS, routed_llama_config, tiny_llama, tiny_qwen2
 
 from neuron_peft import fileio
 from neuron_peft.fileio import OutputPathError
@@ -315,8 +317,6 @@ def test_cli_bad_values_get_one_line_and_exit_2(workspace, tmp_path, capsys, ext
 # ------------------------------------------------------------------------------------------------------ benchmarks
 def test_benchmark_outputs_follow_the_same_rule(tmp_path, capsys):
     """Before: quality.py wrote into any --out (also one holding its --data-file) and speed*.py replaced --json."""
-    from conftest import load_benchmark
-
     quality, speed = load_benchmark("quality"), load_benchmark("speed")
     data = tmp_path / "data.jsonl"
     data.write_text("{}\n")
@@ -339,7 +339,6 @@ def test_benchmark_outputs_follow_the_same_rule(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------------- adapter files
 def _saved_adapter(folder: Path, **config):
-    from conftest import TARGETS, tiny_llama
     from peft import get_peft_model
 
     from neuron_peft import NeuronSelectConfig
@@ -352,7 +351,6 @@ def _saved_adapter(folder: Path, **config):
 
 def test_adapter_file_with_base_weights_is_refused(tmp_path):
     """Before: PEFT loaded with strict=False, so `model.norm.weight` in the file silently replaced the base weight."""
-    from conftest import tiny_llama
     from peft import PeftModel
     from safetensors.torch import load_file, save_file
 
@@ -376,7 +374,6 @@ def test_adapter_file_with_base_weights_is_refused(tmp_path):
 def test_lora_file_relabelled_as_neuron_select_is_refused(tmp_path):
     """Before: a LoRA file whose peft_type was edited failed on a missing NeuronSelect tensor, never naming the
     LoRA keys it carried."""
-    from conftest import TARGETS, tiny_llama
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from neuron_peft import AdapterFileError
@@ -392,7 +389,6 @@ def test_lora_file_relabelled_as_neuron_select_is_refused(tmp_path):
 
 def test_adapter_files_peft_writes_still_load(tmp_path):
     """What PEFT itself writes for the adapter loads: lm_head targeted (PEFT saves the head), modules_to_save."""
-    from conftest import tiny_llama
     from peft import PeftModel
 
     from neuron_peft import AdapterFileError
@@ -438,7 +434,6 @@ def test_bad_row_indices_are_refused_with_the_value_given(rows, message):
 
 def test_rows_edited_into_a_config_after_construction_are_checked_at_injection():
     """Before: `config.neurons[name] = [2.5]` trained row 2 (torch.tensor truncates) and [-1] the last row."""
-    from conftest import tiny_llama
     from peft import get_peft_model
 
     from neuron_peft import NeuronSelectConfig
@@ -460,7 +455,6 @@ def test_rows_edited_into_a_config_after_construction_are_checked_at_injection()
 # ---------------------------------------------------------------------------------------------------------- routing
 def test_neuron_groups_of_the_wrong_length_raise():
     """Before: 3 names for 4 samples only warned, and the language rows silently got no gradient."""
-    from conftest import routed_llama_config, tiny_llama
     from peft import get_peft_model
 
     import neuron_peft
@@ -486,7 +480,6 @@ def test_neuron_groups_of_the_wrong_length_raise():
 
 # --------------------------------------------------------------------------------------------------------- NaN / Inf
 def _with_bad_delta(value=float("nan")):
-    from conftest import TARGETS, tiny_qwen2
     from peft import get_peft_model
 
     from neuron_peft import NeuronSelectConfig

@@ -7,10 +7,10 @@ import os
 
 import pytest
 import torch
-from conftest import make_model
 from peft import get_peft_model
 from test_data import make_tokenizer
 from test_routing import routed_config
+from tiny_models import make_model
 from transformers import TrainingArguments
 
 from neuron_peft import NeuronSelectLayer

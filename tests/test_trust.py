@@ -11,8 +11,8 @@ import copy
 
 import pytest
 import torch
-from conftest import make_loss_inputs
 from testing_utils import adapted, assert_grads_match, build, dense_reference
+from tiny_models import TARGETS, make_loss_inputs, routed_llama_config, tiny_llama
 
 import neuron_peft  # noqa: F401
 
@@ -36,8 +36,6 @@ def pristine(base) -> dict[str, torch.Tensor]:
 
 
 def _names(base):
-    from conftest import TARGETS
-
     out = []
     for name, m in base.named_modules():
         if name.rsplit(".", 1)[-1] in TARGETS[ARCH]:
@@ -314,7 +312,6 @@ def test_two_models_compile_in_one_process():
 def test_compiled_routed_training_compiles_once_with_group_ids():
     """Routed batches with a different group pattern every step: group indices as a tensor (neuron_peft.group_ids)
     keep one compiled graph, and every step's deltas equal eager routed training on the same batches."""
-    from conftest import routed_llama_config, tiny_llama
     from peft import get_peft_model
 
     torch._dynamo.reset()
@@ -345,7 +342,6 @@ def test_compiled_routed_training_compiles_once_with_group_ids():
 
 
 def test_group_ids_are_checked():
-    from conftest import routed_llama_config, tiny_llama
     from peft import get_peft_model
 
     model = get_peft_model(tiny_llama(), routed_llama_config())

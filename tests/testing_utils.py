@@ -1,15 +1,30 @@
-"""Dense references for the tuner's tests: an adapted tiny model and a plain copy holding W0 + delta as full
-trainable weights, so every NeuronSelect result can be checked against ordinary autograd."""
+"""Test helpers: dense references for the tuner's tests (an adapted tiny model and a plain copy holding W0 + delta
+as full trainable weights, so every NeuronSelect result can be checked against ordinary autograd) and
+`load_benchmark`, which imports a script from benchmarks/ for the smoke tests."""
 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
+from pathlib import Path
 
 import torch
-from conftest import TARGETS, make_model
 from peft import get_peft_model
+from tiny_models import TARGETS, make_model
 
 from neuron_peft import NeuronSelectConfig, NeuronSelectLayer
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """A script from benchmarks/ (not a package) as a module named ``<name>_bench``."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
 
 
 def build(arch, ratio=0.25, path="auto", train_bias=True, dtype=torch.float32, seed=0):
