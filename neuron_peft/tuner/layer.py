@@ -35,6 +35,19 @@ from .autograd import AddRowDelta, DenseDeltaLinear, LiveRowsLinear, RowDeltaLin
 from .config import _check_rows
 
 
+def linear_features(module: nn.Module) -> Optional[tuple[int, int]]:
+    """``(in_features, out_features)`` of a Linear-like layer (``nn.Linear`` and its subclasses, transformers' GPT-2
+    ``Conv1D`` whose weight is stored as (in, out)), else None. The one place these sizes are read: the layer, the
+    tuner's row checks and the selection pass all ask here. Under ZeRO-3 a weight is a partitioned shard, so a
+    Conv1D's full shape comes from ``ds_shape``; ``nn.Linear`` keeps its sizes as attributes."""
+    if isinstance(module, Conv1D):
+        n_in, n_out = getattr(module.weight, "ds_shape", module.weight.shape)
+        return int(n_in), int(n_out)
+    if isinstance(module, nn.Linear):
+        return int(module.in_features), int(module.out_features)
+    return None
+
+
 def mark_adapter_updated() -> None:
     """Kept for compatibility; does nothing.
 
@@ -67,17 +80,16 @@ class NeuronSelectLayer(BaseTunerLayer):
         )
         base = self.get_base_layer()
         self._fast["base"] = base
-        if isinstance(base, Conv1D):
-            self.in_features, self.out_features = base.weight.shape
-            self.fan_in_fan_out = True
-        elif isinstance(base, nn.Linear) or self.quantization_backend is not None:
-            self.in_features, self.out_features = base.in_features, base.out_features
-            self.fan_in_fan_out = False
-        else:
+        features = linear_features(base)
+        if features is None and self.quantization_backend is not None:
+            features = (int(base.in_features), int(base.out_features))
+        if features is None:
             raise TypeError(
                 f"NeuronSelect supports torch.nn.Linear, transformers Conv1D and quantized Linear layers, "
                 f"got {type(base).__name__}"
             )
+        self.in_features, self.out_features = features
+        self.fan_in_fan_out = isinstance(base, Conv1D)
         self.update_path = "auto"
         self.weight_is_shared = False
         self._route = None  # set by the tuner: per-forward routing state shared by all layers of a model

@@ -27,7 +27,7 @@ from ..errors import AdapterMismatchError, NonFiniteDeltaError
 from .adapter_file import check_adapter_state_dict
 from .config import NeuronSelectConfig, _check_rows
 from .groups_keyword import GroupsPreHook, declare_groups_argument, undeclare_groups_argument
-from .layer import Linear, NeuronSelectLayer
+from .layer import Linear, NeuronSelectLayer, linear_features
 from .peft_type import PREFIX
 from .routing import RouteState
 from .summary import selection_summary
@@ -367,9 +367,10 @@ class NeuronSelectModel(UnsupportedPeftMethods, BaseTuner):
 
 
 def _out_features(base: nn.Module, name: str) -> int:
-    if isinstance(base, Conv1D):
-        return base.weight.shape[1]
-    out = getattr(base, "out_features", None)
+    features = linear_features(base)
+    if features is not None:
+        return features[1]
+    out = getattr(base, "out_features", None)  # quantized Linear-likes that do not subclass nn.Linear
     if out is None:
         raise TypeError(f"module {name!r} ({type(base).__name__}) is not a Linear layer; NeuronSelect cannot adapt it")
     return int(out)
