@@ -889,8 +889,8 @@ def write_report(results: dict, out_dir: Path, log) -> str:
         info_b = b["info"]
         lines += ["", f"**Budget {100 * info_b['share']:.2f}% of linear weights** ({info_b['budget_weights']:,} "
                   f"weights; Taylor layer_ratio {LAYER_RATIO}, neuron_ratio {nr}; LoRA/DoRA r {info_b['lora_rank']})", "",
-                  "| method | LR (grid) | trainable | dev NLL | **test NLL** | Δ vs random-all [95%] | Δ vs LoRA [95%] "
-                  "| chrF | BLEU | forget sw/id Δ | English Δ |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| method | LR (grid) | trainable | dev NLL | **test NLL** | Δ vs taylor [95%] | Δ vs random-all [95%] | Δ vs "
+                  "LoRA [95%] | chrF | BLEU | forget sw/id Δ | English Δ |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for m, r in sorted(b["rows"].items(), key=lambda kv: kv[1]["test"][0]):
 
             def d(base, r=r):
@@ -899,7 +899,7 @@ def write_report(results: dict, out_dir: Path, log) -> str:
 
             grid = "/".join(f"{g:g}" for g in r["grid"])
             lines.append(f"| {m} ({r['seeds']} seed{'s' if r['seeds'] > 1 else ''}) | {r['lr']:g} ({grid}){' EDGE' if r['at_edge'] else ''} | {r['trainable']:,} | "
-                         f"{_pm(r['dev'])} | **{_pm(r['test'])}** | {d('random-all')} | {d('lora')} | "
+                         f"{_pm(r['dev'])} | **{_pm(r['test'])}** | {d('taylor')} | {d('random-all')} | {d('lora')} | "
                          f"{_pm(r['chrf'], 2)} | {_pm(r['bleu'], 2)} | {_pm(r['forget'])} | {_pm(r['english'])} |")  # fmt: skip
         types = {m: v["types"] for m, v in info_b["selections"].items()}
         lines += ["", "Rows by module type: " + "; ".join(f"{m} {t}" for m, t in types.items())]
