@@ -103,6 +103,7 @@ def build_cache(target: Path, convert) -> Path:
     never a half-written `target`. An incomplete `target` (no marker) is replaced; if another process finished
     first, its result is kept and ours discarded.
     """
+
     def write(tmp: Path) -> None:
         convert(tmp)
         os.chmod(tmp, 0o755)  # the cache is an ordinary shared folder
