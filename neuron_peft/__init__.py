@@ -5,8 +5,10 @@
 also installs the three wrappers of `neuron_peft.tuner.peft_patches` (the adapter's model card on save and push, a
 clear error for corrupt adapter files), for which PEFT has no hook. Nothing else in other libraries is changed.
 
-The method's stages: `neuron_peft.selection` scores neurons and chooses rows; `neuron_peft.tuner` adapts and routes
-them (the PEFT method). Every exception a user can catch is in `neuron_peft.errors`.
+The method's stages are packages: `neuron_peft.selection` scores neurons and chooses rows, `neuron_peft.tuner` adapts
+and routes them (the PEFT method). Around them: `neuron_peft.data` (corpora, prompts, batches),
+`neuron_peft.evaluation` (translation and scores), `neuron_peft.integrations` (Trainer, accelerate) and
+`neuron_peft.cli`; this module imports only the stages. Every exception a user can catch is in `neuron_peft.errors`.
 """
 
 from .errors import (
