@@ -707,7 +707,10 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
                 _keep_best(kept, results, nr, method, seed0)
                 return row["dev_nll"]
 
-            best, grid, devs, edge = pick_lr(p.grids[family], dev_of, p.factor, p.max_extend)
+            # a resumed run also counts the values an earlier invocation already tried (e.g. with --max-extend)
+            tried = {r["lr"] for r in results["runs"].values() if r.get("method") == method and r.get("seed") == seed0
+                     and (method == "full" or float(r.get("budget", -1)) == float(nr))}  # fmt: skip
+            best, grid, devs, edge = pick_lr(sorted({*p.grids[family], *tried}), dev_of, p.factor, p.max_extend)
             results["picked"][pkey] = {"lr": best, "grid": grid, "at_edge": edge}
             log(f"  picked lr {best:g} from {grid}" + (" (STILL AT AN EDGE after extending)" if edge else ""))
             if not math.isfinite(devs[best]):
