@@ -27,7 +27,8 @@ from neuron_peft.multimodal import (
     vlm_target_modules,
     wrap_text,
 )
-from neuron_peft.selection import _position_weights, model_part
+from neuron_peft.selection import model_part
+from neuron_peft.selection.scoring import _position_weights
 from neuron_peft.tuner.packed_patches import packed_patch_samples, packs_patches
 
 TOK = char_tokenizer(["<image>"])  # <image> = 4

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Union
 
+from ..fileio import atomic_path
+
 if TYPE_CHECKING:
-    from .selection import NeuronSelection
+    from .result import NeuronSelection
 
 
 def _figure(**kwargs):
@@ -20,8 +22,6 @@ def _figure(**kwargs):
 
 def _save(fig, path: Union[str, os.PathLike]) -> None:
     """Write the PNG atomically, so a reader (or an interrupted run) never leaves a truncated image."""
-    from .fileio import atomic_path
-
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)
 
