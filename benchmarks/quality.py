@@ -564,7 +564,7 @@ def train_one(model, routed: bool, tok, features, p: Preset, lr: float, device) 
     model.train()
     with PeakMemory(device) as mem:
         start = time.perf_counter()
-        losses = train_loop(model, loader, steps=p.steps, lr=lr, progress=False, loss_fn=answer_loss)
+        losses = train_loop(model, loader, steps=p.steps, lr=lr, progress=True, loss_fn=answer_loss)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start

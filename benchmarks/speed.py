@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 try:
     import neuron_peft  # noqa: F401  (registers the PEFT method)
@@ -298,7 +299,7 @@ def measure_training(methods: list[str], preset: Preset, ids: torch.Tensor, roun
         for _ in range(warmup):
             r.step(ids)
     _sync(preset.device)
-    for rnd in range(rounds):
+    for rnd in tqdm(range(rounds), desc="timing rounds", unit="round", leave=False):
         order = methods[rnd % len(methods) :] + methods[: rnd % len(methods)]
         for m in order:
             r = runners[m]
@@ -330,7 +331,7 @@ def measure_inference(preset: Preset, ids: torch.Tensor, rounds: int, steps: int
             m.eval()
             m(input_ids=ids)  # warm-up
         names = list(models)
-        for rnd in range(rounds):
+        for rnd in tqdm(range(rounds), desc="inference rounds", unit="round", leave=False):
             for k in names[rnd % 3 :] + names[: rnd % 3]:
                 for _ in range(steps):
                     times[k].append(_timed(lambda k=k: models[k](input_ids=ids), preset.device)[clock])
