@@ -276,9 +276,6 @@ class NeuronSelectLayer(BaseTunerLayer):
             return False  # e.g. accelerate offloading: the base forward must run
         return True
 
-    def _restore_live(self) -> None:
-        """Kept for callers of earlier versions; does nothing: the base weight holds W0 outside a layer call."""
-
     def _adapter_tensors(self, adapter_name: str):
         """(delta, bias_delta) ready for compute: deltas that accelerate offloaded to the meta device are loaded
         through the hook accelerate attached to their ParameterDict (accelerate only loads weights for modules whose

@@ -286,10 +286,8 @@ class NeuronSelectModel(UnsupportedPeftMethods, BaseTuner):
 
     # ------------------------------------------------------------------ live rows
     def restore_base_weights(self) -> None:
-        """Put original rows back into every base weight (they are written in lazily on the next forward)."""
-        for module in self.model.modules():
-            if isinstance(module, NeuronSelectLayer):
-                module._restore_live()
+        """Kept for callers of earlier versions; does nothing: rows are swapped into a base weight only for the
+        duration of a layer call, so the base weights always hold W0 outside one."""
 
     def _named_deltas(self, adapter_names):
         for name, module in self.model.named_modules():
@@ -328,7 +326,6 @@ class NeuronSelectModel(UnsupportedPeftMethods, BaseTuner):
         merge = kwargs.get("merge", args[0] if args else True)
         if merge:  # every merging path of PEFT ends here (merge_and_unload and subclasses' variants)
             self._check_mergeable(kwargs.get("adapter_names", args[3] if len(args) > 3 else None))
-        self.restore_base_weights()
         model = super()._unload_and_optionally_merge(*args, **kwargs)
         hooks = model._forward_pre_hooks
         for key in [k for k, h in hooks.items() if isinstance(h, GroupsPreHook)]:
