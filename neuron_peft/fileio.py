@@ -111,6 +111,17 @@ def _inputs(inputs: Iterable[tuple[str, Optional[PathLike]]]) -> list[tuple[str,
     return [(flag, _resolve(p)) for flag, p in inputs if p is not None and str(p) != ""]
 
 
+def _refuse_inputs(path: Path, out: PathLike, inputs, flag: str, kind: str) -> None:
+    """Refuse an output equal to an input, inside an input folder, or (a folder output) containing an input."""
+    for name, inp in _inputs(inputs):
+        if path == inp:
+            raise OutputPathError(f"{flag} {out} is the same path as the input {name} {inp}")
+        if path in inp.parents:  # only possible for a folder output
+            raise OutputPathError(f"{flag} {out} contains the input {name} {inp}; choose a folder outside it")
+        if inp in path.parents:
+            raise OutputPathError(f"{flag} {out} sits inside the input {name} {inp}; choose a {kind} outside it")
+
+
 def check_output_dir(
     out: PathLike,
     *,
@@ -128,13 +139,7 @@ def check_output_dir(
     path = _resolve(out)
     if path.exists() and not path.is_dir():
         raise OutputPathError(f"{flag} {out} is an existing file, not a folder")
-    for name, inp in _inputs(inputs):
-        if path == inp:
-            raise OutputPathError(f"{flag} {out} is the same path as the input {name} {inp}")
-        if path in inp.parents:
-            raise OutputPathError(f"{flag} {out} contains the input {name} {inp}; choose a folder outside it")
-        if inp in path.parents:
-            raise OutputPathError(f"{flag} {out} sits inside the input {name} {inp}; choose a folder outside it")
+    _refuse_inputs(path, out, inputs, flag, "folder")
     if not overwrite and path.is_dir() and any(path.iterdir()):
         raise OutputPathError(
             f"{flag} {out} exists and is not empty; choose a new folder, or pass --overwrite to replace only the "
@@ -155,11 +160,7 @@ def check_output_file(
     path = _resolve(out)
     if path.is_dir():
         raise OutputPathError(f"{flag} {out} is an existing folder, not a file")
-    for name, inp in _inputs(inputs):
-        if path == inp:
-            raise OutputPathError(f"{flag} {out} is the same path as the input {name} {inp}")
-        if inp in path.parents:
-            raise OutputPathError(f"{flag} {out} sits inside the input {name} {inp}; choose a path outside it")
+    _refuse_inputs(path, out, inputs, flag, "path")
     if not overwrite and path.exists():
         raise OutputPathError(f"{flag} {out} already exists; choose a new path or pass --overwrite to replace it")
     return path
