@@ -205,7 +205,9 @@ PRESETS = {
             "0.25": ("taylor", "random-all", "lora"),
             "1.0": ("taylor", "random-all"),
         },
-        grids={"full": [1e-5, 3e-5, 1e-4], "lora": [3e-4, 1e-3, 3e-3], "neuron": [3e-5, 1e-4, 3e-4]},
+        # start grids centred on the quick preset's picks (rows 3e-4..9e-4, LoRA 1e-3), so most picks are interior
+        # without an extension; the edge rule still extends where they are not
+        grids={"full": [1e-5, 3e-5, 1e-4], "lora": [3e-4, 1e-3, 3e-3], "neuron": [1e-4, 3e-4, 1e-3]},
         note="3 seeds; budgets ~1.8% and ~10% of linear weights plus the paper setting (40% of layers, all rows); "
         "20 steps x 8 mixed-language pairs (verses <= 100 chars, so the dev books give >= 50 pairs per language); "
         "50 dev / 50 test pairs per language (NLL), 10 per language decoded; 75 training runs (~2.5 h on a quiet "
