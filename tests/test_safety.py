@@ -13,21 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import load_benchmark
-from tiny_models import TARGETS, routed_llama_config, tiny_llama, tiny_qwen2
+from testing_utils import calibration, load_benchmark, run_cli, tree_digest, write_tiny_corpus
+from tiny_models import TARGETS, routed_llama_config, tiny_llama, tiny_qwen2, write_tiny_model
 
 from neuron_peft import fileio
 from neuron_peft.fileio import OutputPathError
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """sha256 of every file under `root`, by relative path: the reference for "nothing was touched"."""
-    root = Path(root)
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 # ------------------------------------------------------------------------------------------------ atomic writes
@@ -53,8 +43,6 @@ def test_atomic_path_keeps_suffix_for_format_sniffing_writers(tmp_path):
 
 
 def _selection():
-    from test_selection import calibration, tiny_llama
-
     from neuron_peft import select_neurons
 
     return select_neurons(tiny_llama(), calibration(), neuron_ratio=0.5, specific_ratio=0.2, progress=False)
@@ -149,39 +137,6 @@ def tree_digest_of(files: dict[str, bytes]) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------------------- the CLI
-WORDS = "Translate the text from English into French German . : hello world bonjour le monde hallo welt".split()
-
-
-def write_tiny_model(folder: Path) -> None:
-    """A 2-layer Llama and a word-level tokenizer saved as an ordinary local HF folder (built offline)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *WORDS])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.decoder = decoders.WordPiece()
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-
-
-def write_tiny_corpus(path: Path) -> None:
-    rows = [
-        {"src": "hello world", "tgt": "bonjour le monde", "group": "en-fr"},
-        {"src": "hello", "tgt": "hallo welt", "group": "en-de"},
-    ] * 4
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """model/ (tiny Llama), corpus.jsonl and adapter/ (trained by the CLI once for the module)."""
@@ -196,16 +151,6 @@ def workspace(tmp_path_factory):
 
 
 TRAIN = ["train", "--steps", "2", "--batch-size", "4", "--threads", "1"]
-
-
-def run_cli(argv) -> int:
-    """Exit status of ``neuron-peft argv`` run in this process (argparse errors exit through SystemExit)."""
-    from neuron_peft import cli
-
-    try:
-        return cli.main([str(a) for a in argv])
-    except SystemExit as exit_:
-        return exit_.code
 
 
 def one_error_line(capsys, *needles) -> str:

@@ -1,11 +1,20 @@
-"""Test helpers: dense references for the tuner's tests (an adapted tiny model and a plain copy holding W0 + delta
-as full trainable weights, so every NeuronSelect result can be checked against ordinary autograd) and
-`load_benchmark`, which imports a script from benchmarks/ for the smoke tests."""
+"""Shared test helpers, imported by test files as an ordinary module (PEFT's tests/testing_utils.py pattern).
+
+* dense references for the tuner's tests: an adapted tiny model and a plain copy holding W0 + delta as full
+  trainable weights, so every NeuronSelect result can be checked against ordinary autograd;
+* `routed_config` (random agnostic and per-language rows), `make_batch` / `calibration` (selection inputs);
+* CLI workspaces: `tree_digest` (the reference for "nothing was touched"), `write_tiny_corpus`, `run_cli`;
+* `load_benchmark`, which imports a script from benchmarks/ for the smoke tests.
+
+Tiny models and the word-level tokenizer are in `tiny_models.py`.
+"""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -79,3 +88,70 @@ def assert_grads_match(model, ref, atol, rtol=1e-4):
         if "default" in layer.neuron_select_bias_delta:
             bgot = layer.neuron_select_bias_delta["default"].grad
             torch.testing.assert_close(bgot, target.bias.grad[rows].to(bgot.dtype), atol=atol, rtol=rtol, msg=name)
+
+
+# ------------------------------------------------------------------ routing, CLI workspaces
+GROUPS = ["de", "fr", "hi"]
+
+
+def routed_config(base, arch, path="auto", seed=0):
+    """Every targeted layer: 3 agnostic rows and 2 rows per language, chosen at random."""
+    gen = torch.Generator().manual_seed(seed)
+    neurons, language = {}, {g: {} for g in GROUPS}
+    probe = get_peft_model(copy.deepcopy(base), NeuronSelectConfig(target_modules=TARGETS[arch]))
+    for name, layer in adapted(probe).items():
+        perm = torch.randperm(layer.out_features, generator=gen).tolist()
+        neurons[name] = perm[:3]
+        for i, g in enumerate(GROUPS):
+            language[g][name] = perm[3 + 2 * i : 5 + 2 * i]
+    return NeuronSelectConfig(
+        target_modules=TARGETS[arch], neurons=neurons, language_neurons=language, init_weights=False,
+        update_path=path, fan_in_fan_out=arch == "gpt2",
+    )  # fmt: skip
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root`, by relative path: the reference for "nothing was touched"."""
+    root = Path(root)
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def write_tiny_corpus(path: Path) -> None:
+    rows = [
+        {"src": "hello world", "tgt": "bonjour le monde", "group": "en-fr"},
+        {"src": "hello", "tgt": "hallo welt", "group": "en-de"},
+    ] * 4
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def run_cli(argv) -> int:
+    """Exit status of ``neuron-peft argv`` run in this process (argparse errors exit through SystemExit)."""
+    from neuron_peft import cli
+
+    try:
+        return cli.main([str(a) for a in argv])
+    except SystemExit as exit_:
+        return exit_.code
+
+
+# ------------------------------------------------------------------ calibration batches for selection
+def make_batch(seed, bsz=2, seq=10, prompt=4, **extra):
+    """Right-padded batch of token ids below 64 (every tiny model's vocabulary holds them): prompt and padding
+    labels are -100; the second sample has 2 padding tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (bsz, seq), generator=g)
+    labels = ids.clone()
+    labels[:, :prompt] = -100
+    attn = torch.ones_like(ids)
+    if bsz > 1:
+        labels[1, seq - 2 :] = -100
+        attn[1, seq - 2 :] = 0
+    return dict(input_ids=ids, attention_mask=attn, labels=labels, **extra)
+
+
+def calibration(seed=0):
+    return {"fr": [make_batch(seed), make_batch(seed + 1)], "de": [make_batch(seed + 2)]}

@@ -156,3 +156,40 @@ def routed_llama_config(groups=("fr", "de"), init_weights=False, **kw):
     return NeuronSelectConfig(
         target_modules=TARGETS["llama"], neurons=neurons, language_neurons=language, init_weights=init_weights, **kw
     )
+
+
+# ------------------------------------------------------------------ word-level tokenizer and a local model folder
+WORDS = "Translate the text from English into French German . : hello world bonjour le monde hallo welt".split()
+
+
+def make_tokenizer(append_eos: bool = False, newline: bool = True):
+    """Word-level tokenizer built offline: one id per word, BOS prepended (and EOS appended if asked); `newline`
+    adds "\n" as a token (generation tests stop on it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *WORDS])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece()
+    single = "<s> $A </s>" if append_eos else "<s> $A"
+    tk.post_processor = processors.TemplateProcessing(single=single, special_tokens=[("<s>", 1), ("</s>", 2)])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    if newline:
+        tok.add_tokens(["\n"])
+    return tok
+
+
+def write_tiny_model(folder) -> None:
+    """A 2-layer Llama and the word-level tokenizer saved as an ordinary local HF folder (built offline)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    make_tokenizer(newline=False).save_pretrained(folder)

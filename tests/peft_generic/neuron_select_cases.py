@@ -20,7 +20,7 @@ from neuron_peft import NeuronSelectConfig
 
 # Language-routed rows: agnostic rows in every targeted layer plus rows owned by "fr" / "de". PEFT's tests call the
 # model without `neuron_groups`, so only agnostic rows get gradients there (routing itself is tested in
-# tests/test_routing.py); each layer keeps agnostic rows so that PEFT's "every adapter parameter trains" check
+# tests/tuner/test_routing.py); each layer keeps agnostic rows so that PEFT's "every adapter parameter trains" check
 # (test_only_params_are_updated) still applies to every delta tensor.
 _ROUTED = {
     "neurons": {"lin0": [0, 1, 2], "lin1": [0]},

@@ -8,9 +8,8 @@ import os
 import pytest
 import torch
 from peft import get_peft_model
-from test_data import make_tokenizer
-from test_routing import routed_config
-from tiny_models import make_model
+from testing_utils import routed_config
+from tiny_models import make_model, make_tokenizer
 from transformers import TrainingArguments
 
 from neuron_peft import NeuronSelectLayer

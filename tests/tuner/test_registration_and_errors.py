@@ -233,7 +233,7 @@ with torch.no_grad():
 
 def run_fresh(code: str, *args) -> subprocess.CompletedProcess:
     """`python -c code` in a new interpreter (nothing imported beforehand), offline, outside the repository."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     return subprocess.run(
         [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env, cwd=Path(args[0]).parent
     )

@@ -12,6 +12,7 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
+from testing_utils import calibration, make_batch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -34,23 +35,6 @@ def tiny_llama(layers=2, intermediate=64, seed=0):
 def tiny_gpt2(seed=0):
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64))
-
-
-def make_batch(seed, bsz=2, seq=10, prompt=4, **extra):
-    """Right-padded batch: prompt and padding labels are -100; the second sample has 2 padding tokens."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (bsz, seq), generator=g)
-    labels = ids.clone()
-    labels[:, :prompt] = -100
-    attn = torch.ones_like(ids)
-    if bsz > 1:
-        labels[1, seq - 2 :] = -100
-        attn[1, seq - 2 :] = 0
-    return dict(input_ids=ids, attention_mask=attn, labels=labels, **extra)
-
-
-def calibration(seed=0):
-    return {"fr": [make_batch(seed), make_batch(seed + 1)], "de": [make_batch(seed + 2)]}
 
 
 def reference_scores(model, calib, names):

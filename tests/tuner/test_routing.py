@@ -8,29 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import get_peft_model
-from testing_utils import adapted, dense_reference
-from tiny_models import TARGETS, VOCAB, make_model
+from testing_utils import GROUPS, adapted, dense_reference, routed_config
+from tiny_models import VOCAB, make_model
 
 import neuron_peft
-from neuron_peft import NeuronSelectConfig, RoutingError
-
-GROUPS = ["de", "fr", "hi"]
-
-
-def routed_config(base, arch, path="auto", seed=0):
-    """Every targeted layer: 3 agnostic rows and 2 rows per language, chosen at random."""
-    gen = torch.Generator().manual_seed(seed)
-    neurons, language = {}, {g: {} for g in GROUPS}
-    probe = get_peft_model(copy.deepcopy(base), NeuronSelectConfig(target_modules=TARGETS[arch]))
-    for name, layer in adapted(probe).items():
-        perm = torch.randperm(layer.out_features, generator=gen).tolist()
-        neurons[name] = perm[:3]
-        for i, g in enumerate(GROUPS):
-            language[g][name] = perm[3 + 2 * i : 5 + 2 * i]
-    return NeuronSelectConfig(
-        target_modules=TARGETS[arch], neurons=neurons, language_neurons=language, init_weights=False,
-        update_path=path, fan_in_fan_out=arch == "gpt2",
-    )  # fmt: skip
+from neuron_peft import RoutingError
 
 
 def lm_loss(logits, ids, sample_mask=None, total=None):

@@ -4,29 +4,11 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+from tiny_models import make_tokenizer
 
 from neuron_peft import data as D
 from neuron_peft.data import IGNORE_INDEX, ParallelExample
 from neuron_peft.evaluation import _StopAtNewline, score_translations, translate
-
-WORDS = "Translate the text from English into French German . : hello world bonjour le monde hallo welt".split()
-
-
-def make_tokenizer(append_eos: bool = False) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer built offline: one id per word, BOS prepended (and EOS appended if asked)."""
-    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *WORDS])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.decoder = decoders.WordPiece()
-    single = "<s> $A </s>" if append_eos else "<s> $A"
-    tk.post_processor = processors.TemplateProcessing(single=single, special_tokens=[("<s>", 1), ("</s>", 2)])
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tok.add_tokens(["\n"])
-    return tok
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """`neuron-peft` on transformers' machinery (issue 15 §3): Trainer checkpoints and resume, --help, --version, progress.
 
-A tiny local model folder and corpus (built offline, see test_safety) keep every run to a few seconds.
+A tiny local model folder and corpus (built offline by `tiny_models.write_tiny_model`) keep every run to a few seconds.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import argparse
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_safety import run_cli, tree_digest, write_tiny_corpus, write_tiny_model
+from testing_utils import run_cli, tree_digest, write_tiny_corpus
+from tiny_models import write_tiny_model
 from transformers import TrainingArguments
 
 import neuron_peft
