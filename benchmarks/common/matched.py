@@ -1,0 +1,143 @@
+"""selection_value.py's methods, each at the trainable-weight budget of a Taylor selection.
+
+For a budget (a Taylor ``neuron_ratio`` at ``LAYER_RATIO`` 0.4, ``SPECIFIC_RATIO`` 0.1, routed) the default Taylor
+selection fixes the trained weights P (`budget_selections`); every other row method is decided from the same
+scores to train P weights too (rows x inputs, per-layer rounding aside): its ranking variants re-decide the
+selection, random and magnitude rows take the same share of rows (random-layers: the same count in Taylor's
+layers), LoRA/DoRA use the all-linear rank whose parameter count is closest to P (`lora_rank`). Full fine-tuning is
+budget-free. `build` puts a method on a deep copy of the pristine base; `score_by_type` and `type_counts` describe
+where a selection's scores and rows sit, by module type, for the report.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .models import NEURON_KW, lora_config, rows_config
+
+LAYER_RATIO = 0.4
+SPECIFIC_RATIO = 0.1
+
+
+def linear_sizes(model, names) -> dict[str, tuple[int, int]]:
+    modules = dict(model.named_modules())
+    return {n: (modules[n].out_features, modules[n].in_features) for n in names}
+
+
+def lora_rank(budget_weights: int, sizes: dict) -> int:
+    """The LoRA rank whose all-linear parameter count r * sum(in + out) is closest to the budget."""
+    per_rank = sum(o + i for o, i in sizes.values())
+    return max(1, int(round(budget_weights / per_rank)))
+
+
+def budget_selections(base_sel, nr: float, sizes: dict, reference_sel=None) -> dict:
+    """Every row-selection method's NeuronSelection at the budget fixed by Taylor at (0.4, nr)."""
+
+    def variant(src, **kw):
+        s = copy.copy(src)
+        for k, v in kw.items():
+            setattr(s, k, v)
+        s.decide()
+        return s
+
+    ratio = {p: LAYER_RATIO for p in base_sel.layer_ratio}
+    taylor = variant(base_sel, layer_ratio=ratio, neuron_ratio=nr, specific_ratio=SPECIFIC_RATIO,
+                     row_selection="layers", score_normalization="none", weight_ratio=None)  # fmt: skip
+    budget = taylor.trained_weights()
+    total = sum(o * i for o, i in sizes.values())
+    share = budget / total
+
+    def layers_matched(src, **kw):
+        """Layers mode with another layer ranking: the neuron_ratio that spends the same weights in its layers."""
+        s = variant(src, layer_ratio=ratio, neuron_ratio=nr, specific_ratio=SPECIFIC_RATIO, row_selection="layers",
+                    weight_ratio=None, **kw)  # fmt: skip
+        kept_w = sum(sizes[n][0] * sizes[n][1] for n in s.kept_layers)
+        return variant(s, neuron_ratio=min(1.0, budget / kept_w))
+
+    out = {
+        "taylor": taylor,
+        "taylor-agnostic": variant(taylor, specific_ratio=0.0),
+        "taylor-type-rank": layers_matched(base_sel, score_normalization="module_type_rank"),
+        "taylor-per-layer": variant(taylor, row_selection="per_layer", weight_ratio=share),
+        "taylor-global-rank": variant(
+            taylor, row_selection="global", weight_ratio=share, score_normalization="module_type_rank"
+        ),  # fmt: skip
+        "taylor-global-z": variant(
+            taylor, row_selection="global", weight_ratio=share, score_normalization="module_type_z"
+        ),  # fmt: skip
+    }
+    if reference_sel is not None:
+        out["neumt"] = layers_matched(reference_sel, score_normalization="none")
+    return {"budget": budget, "share": share, "selections": out}
+
+
+def build(method: str, base, bsel: dict, sizes: dict, seed: int):
+    """(trainable model, routed) on a deep copy of the pristine base."""
+    from peft import get_peft_model
+
+    from neuron_peft.tuner import pick_rows
+
+    model = copy.deepcopy(base)
+    torch.manual_seed(seed)
+    if method == "full":
+        model.requires_grad_(True)
+        return model, False
+    if method in ("lora", "dora"):
+        r = lora_rank(bsel["budget"], sizes)
+        return get_peft_model(model, lora_config(r, sorted(sizes), dora=method == "dora")), False
+    sels = bsel["selections"]
+    if method in sels:
+        sel = sels[method]
+        cfg = sel.to_config(model=base, **NEURON_KW)
+        if cfg.language_neurons:  # a group that owns no row must still be a known routing group
+            cfg = replace_groups(cfg, sel.groups)
+        return get_peft_model(model, cfg), bool(sel.language_neurons)
+    modules = dict(base.named_modules())
+    if method == "random-layers":
+        t = sels["taylor"]
+        counts = {n: len(t.neurons.get(n, [])) + sum(len(r.get(n, [])) for r in t.language_neurons.values())
+                  for n in t.kept_layers}  # fmt: skip
+    elif method in ("random-all", "magnitude"):
+        counts = {n: min(o, max(1, int(round(bsel["share"] * o)))) for n, (o, _) in sizes.items()}
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    how = "magnitude" if method == "magnitude" else "random"
+    rows = {n: pick_rows(modules[n].weight, k, how, seed, n) for n, k in counts.items()}
+    return get_peft_model(model, rows_config(rows)), False
+
+
+def replace_groups(cfg, groups):
+    """The config with every calibration group present in ``language_neurons`` (empty when it owns no row)."""
+    from neuron_peft import NeuronSelectConfig
+
+    language = {g: dict(cfg.language_neurons.get(g, {})) for g in groups}
+    fields = {k: v for k, v in cfg.to_dict().items() if k in NeuronSelectConfig.__dataclass_fields__}
+    fields.update(language_neurons=language)
+    return NeuronSelectConfig(**{k: v for k, v in fields.items() if k not in ("peft_type", "auto_mapping")})
+
+
+def score_by_type(sel) -> dict:
+    """Mean (over the layers of a type) of the layer's mean group-normalised neuron score: shows how far raw scores
+    of different projection types sit apart, which is what the raw layer ranking compares."""
+    from neuron_peft.selection import module_type
+
+    norm = sel.normalised_scores()
+    acc: dict[str, list[float]] = {}
+    for n, p in zip(sel.layers, sel.parts):
+        acc.setdefault(module_type(n, p).split(":")[1], []).append(float(norm[n].mean()))
+    return {t: round(sum(v) / len(v), 4) for t, v in acc.items()}
+
+
+def type_counts(sel) -> dict:
+    """Selected rows per module type (q_proj, gate_proj, ...)."""
+    from neuron_peft.selection import module_type
+
+    out: dict[str, int] = {}
+    for n, p in zip(sel.layers, sel.parts):
+        k = len(sel.neurons.get(n, [])) + sum(len(r.get(n, [])) for r in sel.language_neurons.values())
+        if k:
+            t = module_type(n, p).split(":")[1]
+            out[t] = out.get(t, 0) + k
+    return out
