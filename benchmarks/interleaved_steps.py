@@ -4,18 +4,18 @@
 also measures how busy the host was at the time. Here every method is built from the same preset (same model,
 same Taylor selection, same data) and the methods take turns: step 1 of each, then step 2 of each, and so on,
 each on the same batch. Host drift then hits all methods alike, and the median step time ratio against the first
-method is the number to quote.
+method is the number to quote. The presets and methods are quality.py's (``common/preset.py``,
+``common/methods.py``), and so are the model, the Taylor selection and the training batches.
 
 Usage::
 
     python benchmarks/interleaved_steps.py --preset cpu-large --methods lora-r16,ns-0.4,ns-0.4-random --steps 16
-    python benchmarks/interleaved_steps.py --preset tiny --steps 3        # smoke test (tests/test_quality_smoke.py)
+    python benchmarks/interleaved_steps.py --preset tiny --steps 3        # smoke test (tests/benchmark_smoke/test_quality_smoke.py)
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import time
@@ -25,46 +25,45 @@ from typing import Callable
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for the shared set-up in common/
+from common.data import build_data  # noqa: E402
+from common.methods import METHODS, build_method, run_selection  # noqa: E402
+from common.models import load_model  # noqa: E402
+from common.preset import PRESETS, resolve_device  # noqa: E402
+from common.training import train_batches  # noqa: E402
 
-def _quality():
-    spec = importlib.util.spec_from_file_location("quality_bench", Path(__file__).with_name("quality.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+from neuron_peft.data import encode_examples  # noqa: E402
+from neuron_peft.training import answer_loss  # noqa: E402
 
 
 def main(argv=None, log: Callable[[str], None] = print) -> dict:
-    q = _quality()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", choices=sorted(q.PRESETS), default="cpu-large")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu-large")
     ap.add_argument("--methods", default="lora-r16,ns-0.4,ns-0.4-random", help="the first one is the baseline")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-4)
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in q.METHODS or m == "zero-shot"]
+    unknown = [m for m in methods if m not in METHODS or m == "zero-shot"]
     if unknown or len(methods) < 2:
-        raise SystemExit(f"give at least two trained methods from {list(q.METHODS)[1:]}; bad: {unknown}")
-    p = replace(q.PRESETS[args.preset], n_dev=1, n_test=1, n_forget=1)
+        raise SystemExit(f"give at least two trained methods from {list(METHODS)[1:]}; bad: {unknown}")
+    p = replace(PRESETS[args.preset], n_dev=1, n_test=1, n_forget=1)
     if p.threads:
         torch.set_num_threads(p.threads)
-    device = q.resolve_device(p)
+    device = resolve_device(p)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available on this machine")
-    data = q.build_data(p)
-    base, tok = q.load_model(p, data, device)
+    data = build_data(p)
+    base, tok = load_model(p, data, device)
     base.requires_grad_(False)
-    selections, _ = q.run_selection(base, tok, data, p, methods, device, log)
-    features = q.encode_examples(tok, data["train"], p.max_length, on_overflow="skip")
-    from neuron_peft.training import answer_loss
-
+    selections, _ = run_selection(base, tok, data, p, methods, device, log)
+    features = encode_examples(tok, data["train"], p.max_length, on_overflow="skip")
     runs = {}
     for m in methods:
-        model, routed = q.build_method(m, base, selections, p)
+        model, routed = build_method(m, base, selections, p)
         model.train()
         opt = torch.optim.AdamW([x for x in model.parameters() if x.requires_grad], lr=args.lr)
-        runs[m] = (model, opt, iter(q.train_batches(features, tok, p, routed)))
+        runs[m] = (model, opt, iter(train_batches(features, tok, p, routed)))
     times: dict[str, list[float]] = {m: [] for m in methods}
     for step in range(args.steps):
         for m, (model, opt, batches) in runs.items():

