@@ -27,6 +27,14 @@ Protocol (every number in the output says which of these it is):
 * Caching: data encodings and eval batches are built once; the base model's dev/test/forgetting NLL once; with
   ``--resume`` a run already in ``results.json`` is not repeated (add seeds, methods or budgets to a finished run).
 
+Where things are: the budget-matched methods in ``common/matched.py``, NLL scoring in ``common/scoring.py``, the
+statistics in ``common/stats.py``; data, model loading and the training run are shared with quality.py
+(``common/data.py``, ``common/models.py``, ``common/training.py``). This file holds the presets, the command line,
+the main loop (learning-rate search, seeds, resume) and the report. It is the longest file of benchmarks/ (~700
+lines, against ~400 elsewhere) because all three are this question's alone: the presets are ~135 lines of plain
+data, the main loop (~230 lines) is one pass over budgets, methods and seeds whose resume rules read best in one
+piece, and the report (~135 lines) summarises exactly what that loop stored.
+
 Usage::
 
     python benchmarks/selection_value.py --quick               # under 15 min on 2 cores: a protocol check
@@ -39,7 +47,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import math
@@ -52,12 +59,27 @@ from typing import Callable, Optional
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # quality.py: data loading, model loading, training loop, machine info
-sys.path.insert(0, str(HERE.parent))
-import quality  # noqa: E402
+sys.path.insert(0, str(HERE))  # benchmarks/, for the shared set-up in common/
+from common.data import build_data, by_group, tiny_pairs  # noqa: E402
+from common.machine import machine_info  # noqa: E402
+from common.matched import (  # noqa: E402
+    LAYER_RATIO,
+    SPECIFIC_RATIO,
+    budget_selections,
+    build,
+    linear_sizes,
+    lora_rank,
+    score_by_type,
+    type_counts,
+)
+from common.models import load_model, trainable_params  # noqa: E402
+from common.preset import Preset as TranslationPreset  # noqa: E402
+from common.report import fmt_pm, pyplot, save_figure  # noqa: E402
+from common.scoring import decode_scores, english_features, make_evalset, sentence_nll  # noqa: E402
+from common.stats import macro_nll, paired_bootstrap, per_lang_nll, seed_interval, seed_mean_per_sentence  # noqa: E402
+from common.training import train_one  # noqa: E402
 
-import neuron_peft  # noqa: E402,F401  (registers the PEFT method)
-from neuron_peft.data import IGNORE_INDEX, TranslationCollator, calibration_batches, encode_examples  # noqa: E402
+from neuron_peft.data import calibration_batches, encode_examples  # noqa: E402
 
 # name -> (LR family, description)
 METHODS = {
@@ -76,9 +98,6 @@ METHODS = {
     "dora": ("lora", "DoRA all-linear, rank matched to the budget, alpha = 2r"),
     "full": ("full", "full fine-tuning, every parameter (budget-free; shown in every budget)"),
 }
-LAYER_RATIO = 0.4
-SPECIFIC_RATIO = 0.1
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 @dataclass
@@ -216,235 +235,6 @@ PRESETS = {
 }
 
 
-# ------------------------------------------------------------------------------------------------------ evaluation
-@dataclass
-class EvalSet:
-    """Pre-collated, length-sorted batches of one split; `index` maps batch rows back to examples."""
-
-    name: str
-    groups: list[str]  # group of every example, in example order
-    batches: list[dict]
-    index: list[list[int]]
-
-    @property
-    def n(self) -> int:
-        return len(self.groups)
-
-
-def make_evalset(name: str, feats: list[dict], batch_size: int, tok) -> EvalSet:
-    order = sorted(range(len(feats)), key=lambda i: len(feats[i]["input_ids"]))
-    collate = TranslationCollator(tok, return_groups=False)
-    batches, index = [], []
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        batches.append(collate([feats[i] for i in idx]))
-        index.append(idx)
-    return EvalSet(name, [f["group"] for f in feats], batches, index)
-
-
-def english_features(tok, examples, max_length: int) -> list[dict]:
-    """Plain English verses as language-modelling examples: BOS + text + EOS, loss on every text token."""
-    out = []
-    for e in examples:
-        ids = list(tok(e.src, add_special_tokens=True)["input_ids"])[: max_length - 1] + [tok.eos_token_id]
-        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] + ids[1:],
-                    "group": "en"})  # fmt: skip
-    return out
-
-
-@torch.inference_mode()
-def sentence_nll(model, es: EvalSet) -> list[list[float]]:
-    """Per example ``[summed NLL over its target tokens, number of target tokens]`` (teacher forcing)."""
-    was = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out: list[list[float]] = [[0.0, 0.0] for _ in range(es.n)]
-    try:
-        for batch, idx in zip(es.batches, es.index):
-            labels = batch["labels"].to(device)
-            targets = labels[:, 1:]
-            cols = (targets != IGNORE_INDEX).any(0).nonzero().flatten()
-            start, stop = int(cols[0]), int(cols[-1]) + 1
-            keep = torch.arange(start, stop, device=device)
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                           logits_to_keep=keep).logits.float()  # fmt: skip
-            tgt = targets[:, start:stop]
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=IGNORE_INDEX,
-                                                    reduction="none")  # fmt: skip
-            sums, counts = nll.sum(1).tolist(), (tgt != IGNORE_INDEX).sum(1).tolist()
-            for j, i in enumerate(idx):
-                out[i] = [float(sums[j]), float(counts[j])]
-    finally:
-        model.train(was)
-    return out
-
-
-def macro_nll(per: list[list[float]], groups: list[str]) -> float:
-    """Mean over languages of the token-weighted NLL per target token within the language."""
-    acc: dict[str, list[float]] = {}
-    for (s, c), g in zip(per, groups):
-        a = acc.setdefault(g, [0.0, 0.0])
-        a[0] += s
-        a[1] += c
-    return sum(s / c for s, c in acc.values()) / len(acc)
-
-
-def per_lang_nll(per, groups) -> dict[str, float]:
-    acc: dict[str, list[float]] = {}
-    for (s, c), g in zip(per, groups):
-        a = acc.setdefault(g, [0.0, 0.0])
-        a[0] += s
-        a[1] += c
-    return {g: s / c for g, (s, c) in acc.items()}
-
-
-def paired_bootstrap(a: list, b: list, groups: list[str], n_samples: int = 1000, seed: int = 12345) -> dict:
-    """Difference ``macro_nll(a) - macro_nll(b)`` with a 95% interval: resample sentences within each language
-    (the same resamples for every comparison: fixed seed), recompute both macro NLLs, take the difference."""
-    import numpy as np
-
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    langs = sorted(set(groups))
-    members = {g: np.array([i for i, x in enumerate(groups) if x == g]) for g in langs}
-    diffs = np.zeros(n_samples)
-    for g in langs:
-        idx = members[g][rng.integers(0, len(members[g]), size=(n_samples, len(members[g])))]
-        da = a[idx, 0].sum(1) / a[idx, 1].sum(1)
-        db = b[idx, 0].sum(1) / b[idx, 1].sum(1)
-        diffs += (da - db) / len(langs)
-    delta = macro_nll(a.tolist(), groups) - macro_nll(b.tolist(), groups)
-    return {"delta": float(delta), "ci": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))],
-            "p_not_lower": float((diffs >= 0).mean())}  # fmt: skip
-
-
-def seed_interval(values: list[float]) -> list[float]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return [mean, float("nan")]
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return [mean, T975.get(n - 1, 1.96) * sd / math.sqrt(n)]
-
-
-def seed_mean_per_sentence(runs: list[list[list[float]]]) -> list[list[float]]:
-    """Per sentence, the mean over seeds of [summed NLL, tokens] (tokens are the same in every seed)."""
-    return [[sum(r[i][0] for r in runs) / len(runs), runs[0][i][1]] for i in range(len(runs[0]))]
-
-
-# --------------------------------------------------------------------------------------------------------- methods
-def linear_sizes(model, names) -> dict[str, tuple[int, int]]:
-    modules = dict(model.named_modules())
-    return {n: (modules[n].out_features, modules[n].in_features) for n in names}
-
-
-def lora_rank(budget_weights: int, sizes: dict) -> int:
-    """The LoRA rank whose all-linear parameter count r * sum(in + out) is closest to the budget."""
-    per_rank = sum(o + i for o, i in sizes.values())
-    return max(1, int(round(budget_weights / per_rank)))
-
-
-def budget_selections(base_sel, nr: float, sizes: dict, reference_sel=None) -> dict:
-    """Every row-selection method's NeuronSelection at the budget fixed by Taylor at (0.4, nr)."""
-    from neuron_peft.selection import NeuronSelection  # noqa: F401
-
-    def variant(src, **kw):
-        s = copy.copy(src)
-        for k, v in kw.items():
-            setattr(s, k, v)
-        s.decide()
-        return s
-
-    ratio = {p: LAYER_RATIO for p in base_sel.layer_ratio}
-    taylor = variant(base_sel, layer_ratio=ratio, neuron_ratio=nr, specific_ratio=SPECIFIC_RATIO,
-                     row_selection="layers", score_normalization="none", weight_ratio=None)  # fmt: skip
-    budget = taylor.trained_weights()
-    total = sum(o * i for o, i in sizes.values())
-    share = budget / total
-
-    def layers_matched(src, **kw):
-        """Layers mode with another layer ranking: the neuron_ratio that spends the same weights in its layers."""
-        s = variant(src, layer_ratio=ratio, neuron_ratio=nr, specific_ratio=SPECIFIC_RATIO, row_selection="layers",
-                    weight_ratio=None, **kw)  # fmt: skip
-        kept_w = sum(sizes[n][0] * sizes[n][1] for n in s.kept_layers)
-        return variant(s, neuron_ratio=min(1.0, budget / kept_w))
-
-    out = {
-        "taylor": taylor,
-        "taylor-agnostic": variant(taylor, specific_ratio=0.0),
-        "taylor-type-rank": layers_matched(base_sel, score_normalization="module_type_rank"),
-        "taylor-per-layer": variant(taylor, row_selection="per_layer", weight_ratio=share),
-        "taylor-global-rank": variant(
-            taylor, row_selection="global", weight_ratio=share, score_normalization="module_type_rank"
-        ),  # fmt: skip
-        "taylor-global-z": variant(
-            taylor, row_selection="global", weight_ratio=share, score_normalization="module_type_z"
-        ),  # fmt: skip
-    }
-    if reference_sel is not None:
-        out["neumt"] = layers_matched(reference_sel, score_normalization="none")
-    return {"budget": budget, "share": share, "selections": out}
-
-
-def _exact_regex(names) -> str:
-    import re
-
-    return "^(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")$"
-
-
-def build(method: str, base, bsel: dict, sizes: dict, seed: int):
-    """(trainable model, routed) on a deep copy of the pristine base."""
-    from peft import LoraConfig, get_peft_model
-
-    from neuron_peft import NeuronSelectConfig
-    from neuron_peft.tuner import pick_rows
-
-    model = copy.deepcopy(base)
-    torch.manual_seed(seed)
-    kw = {"train_bias": True, "task_type": "CAUSAL_LM"}
-    if method == "full":
-        model.requires_grad_(True)
-        return model, False
-    if method in ("lora", "dora"):
-        r = lora_rank(bsel["budget"], sizes)
-        cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=sorted(sizes),
-                         use_dora=method == "dora", task_type="CAUSAL_LM")  # fmt: skip
-        return get_peft_model(model, cfg), False
-    sels = bsel["selections"]
-    if method in sels:
-        sel = sels[method]
-        cfg = sel.to_config(model=base, **kw)
-        if cfg.language_neurons:  # a group that owns no row must still be a known routing group
-            cfg = replace_groups(cfg, sel.groups)
-        return get_peft_model(model, cfg), bool(sel.language_neurons)
-    modules = dict(base.named_modules())
-    if method == "random-layers":
-        t = sels["taylor"]
-        counts = {n: len(t.neurons.get(n, [])) + sum(len(r.get(n, [])) for r in t.language_neurons.values())
-                  for n in t.kept_layers}  # fmt: skip
-    elif method in ("random-all", "magnitude"):
-        counts = {n: min(o, max(1, int(round(bsel["share"] * o)))) for n, (o, _) in sizes.items()}
-    else:
-        raise ValueError(f"unknown method {method!r}")
-    how = "magnitude" if method == "magnitude" else "random"
-    rows = {n: pick_rows(modules[n].weight, k, how, seed, n) for n, k in counts.items()}
-    return get_peft_model(model, NeuronSelectConfig(target_modules=_exact_regex(rows), neurons=rows, **kw)), False
-
-
-def replace_groups(cfg, groups):
-    """The config with every calibration group present in ``language_neurons`` (empty when it owns no row)."""
-    from neuron_peft import NeuronSelectConfig
-
-    language = {g: dict(cfg.language_neurons.get(g, {})) for g in groups}
-    fields = {k: v for k, v in cfg.to_dict().items() if k in NeuronSelectConfig.__dataclass_fields__}
-    fields.update(language_neurons=language)
-    return NeuronSelectConfig(**{k: v for k, v in fields.items() if k not in ("peft_type", "auto_mapping")})
-
-
-def trainable(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 # ------------------------------------------------------------------------------------------------------------ main
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -497,13 +287,13 @@ def run_key(nr, method, seed, lr) -> str:
     return f"{'-' if method == 'full' else nr}|{method}|{seed}|{lr:g}"
 
 
-def quality_preset(p: Preset, seed: int):
-    """The quality.py Preset its helpers (data, model, training) read."""
-    return quality.Preset(model=p.model, langs=p.langs, n_train=p.n_train, n_dev=p.n_dev, n_test=p.n_test,
-                          n_forget=p.n_forget, n_calib=p.n_calib, steps=p.steps, batch_size=p.batch_size,
-                          max_length=p.max_length, max_new_tokens=p.max_new_tokens, methods=(), grids={},
-                          max_chars=p.max_chars, forget_langs=p.forget_langs, eval_batch_size=p.eval_batch_size,
-                          seed=seed, threads=p.threads, dtype=p.dtype, device=p.device)  # fmt: skip
+def translation_preset(p: Preset, seed: int):
+    """The translation-run configuration (common/preset.py) that the shared data, model and training helpers read."""
+    return TranslationPreset(model=p.model, langs=p.langs, n_train=p.n_train, n_dev=p.n_dev, n_test=p.n_test,
+                             n_forget=p.n_forget, n_calib=p.n_calib, steps=p.steps, batch_size=p.batch_size,
+                             max_length=p.max_length, max_new_tokens=p.max_new_tokens, methods=(), grids={},
+                             max_chars=p.max_chars, forget_langs=p.forget_langs, eval_batch_size=p.eval_batch_size,
+                             seed=seed, threads=p.threads, dtype=p.dtype, device=p.device)  # fmt: skip
 
 
 def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
@@ -525,16 +315,16 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
     device = torch.device(p.device)
     t_start = time.perf_counter()
 
-    qp = quality_preset(p, p.data_seed)
-    data = quality.build_data(replace(qp, n_forget=p.n_forget, forget_shots=1))
+    qp = translation_preset(p, p.data_seed)
+    data = build_data(replace(qp, n_forget=p.n_forget, forget_shots=1))
     if p.model != "tiny":
         from neuron_peft.data import bible_pairs
 
         data["english"] = bible_pairs("en", ("fr",), split="test", max_per_lang=p.n_forget, max_chars=p.max_chars,
                                       seed=p.data_seed + 1)  # fmt: skip
     else:
-        data["english"] = quality.tiny_pairs(("fr",), p.n_forget, "english", p.data_seed)
-    counts = {k: {g: len(v) for g, v in quality.by_group(exs).items()} for k, exs in data.items()}
+        data["english"] = tiny_pairs(("fr",), p.n_forget, "english", p.data_seed)
+    counts = {k: {g: len(v) for g, v in by_group(exs).items()} for k, exs in data.items()}
     log(f"# selection value ({preset_name}): {p.note}")
     log(f"  pairs per split and group: {json.dumps(counts)}")
     plan = {str(nr): methods_for(p, nr) for nr in p.budgets}
@@ -549,10 +339,10 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
         log("  (dry run: budgets are computed after the Taylor scoring pass; stopping before the model loads)")
         return {"dry_run": True, "counts": counts, "plan": plan, "runs_planned": n_runs}
 
-    base, tok = quality.load_model(qp, data, device)
+    base, tok = load_model(qp, data, device)
     base.requires_grad_(False)
     base.eval()
-    info = quality.machine_info(device)
+    info = machine_info(device)
     log(f"  model {p.model}: {sum(x.numel() for x in base.parameters()):,} parameters; {info['cpu']} x{info['nproc']}"
         f", {info['torch_threads']} threads, load average {info['loadavg']}")  # fmt: skip
     from neuron_peft.selection import resolve_target_modules, select_neurons
@@ -565,7 +355,7 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
              for k in ("train", "dev", "test", "forget_test")}  # fmt: skip
     feats["english"] = english_features(tok, data["english"], p.max_length)
     evalsets = {k: make_evalset(k, feats[k], p.eval_batch_size, tok) for k in ("dev", "test", "forget_test", "english")}
-    test_examples = quality.by_group(data["test"])
+    test_examples = by_group(data["test"])
     bleu_examples = [e for g in test_examples.values() for e in g[: p.n_bleu]]
 
     results: dict = {"preset": preset_name, "config": asdict(p), "machine": info, "counts": counts,
@@ -595,20 +385,7 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
         return out
 
     def decode(model) -> dict:
-        if not bleu_examples:
-            return {}
-        from neuron_peft.evaluation import score_translations, translate
-
-        t = time.perf_counter()
-        hyps = translate(model, tok, bleu_examples, max_new_tokens=p.max_new_tokens, batch_size=p.eval_batch_size)
-        per = {}
-        for g in test_examples:
-            hs = [h for h, e in zip(hyps, bleu_examples) if e.group == g]
-            rs = [e.tgt for e in bleu_examples if e.group == g]
-            s = score_translations(hs, rs, tgt_lang=g.split("-")[-1])
-            per[g] = {"bleu": s["bleu"], "chrf": s["chrf"]}
-        return {"per_group": per, "bleu": sum(v["bleu"] for v in per.values()) / len(per),
-                "chrf": sum(v["chrf"] for v in per.values()) / len(per), "seconds": time.perf_counter() - t}  # fmt: skip
+        return decode_scores(model, tok, bleu_examples, test_examples, p.max_new_tokens, p.eval_batch_size)
 
     # --- zero-shot (cached)
     if "zero-shot" not in results["runs"]:
@@ -622,7 +399,7 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
 
     # --- one Taylor scoring pass; every selection method re-decides from these scores
     t = time.perf_counter()
-    calib_ex = [e for g in quality.by_group(data["train"]).values() for e in g[: p.n_calib]]
+    calib_ex = [e for g in by_group(data["train"]).values() for e in g[: p.n_calib]]
     calib = calibration_batches(tok, calib_ex, p.calib_batch_size, p.max_length, on_overflow="skip")
     from neuron_peft.selection import NeuronSelection
 
@@ -645,7 +422,7 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
         binfo = {"neuron_ratio": nr, "budget_weights": bsel["budget"], "share": bsel["share"],
                  "lora_rank": lora_rank(bsel["budget"], sizes),
                  "selections": {m: {"kept_layers": len(s.kept_layers), "weights": s.trained_weights(),
-                                    "types": _type_counts(s)} for m, s in bsel["selections"].items()}}  # fmt: skip
+                                    "types": type_counts(s)} for m, s in bsel["selections"].items()}}  # fmt: skip
         results["budgets"][str(nr)] = binfo
         log(f"\n## budget: Taylor neuron_ratio {nr} -> {bsel['budget']:,} weights = {100 * bsel['share']:.2f}% of "
             f"linear weights; LoRA r {binfo['lora_rank']}")  # fmt: skip
@@ -664,7 +441,7 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
                 bsel["selections"]["neumt"] = budget_selections(base_sel, nr, sizes, ref_sel)["selections"]["neumt"]
                 s = bsel["selections"]["neumt"]
                 binfo["selections"]["neumt"] = {"kept_layers": len(s.kept_layers), "weights": s.trained_weights(),
-                                                "types": _type_counts(s)}  # fmt: skip
+                                                "types": type_counts(s)}  # fmt: skip
             family = METHODS[method][0]
             pkey = f"{'-' if method == 'full' else nr}|{method}"
             log(f"\n[{method} @ {nr}] {METHODS[method][1]}")
@@ -674,10 +451,10 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
                 if key in results["runs"]:
                     return results["runs"][key], None
                 model, routed = build(method, base, bsel, sizes, seed)
-                n_tr = trainable(model)
+                n_tr = trainable_params(model)
                 t0 = time.perf_counter()
                 try:
-                    tr = quality.train_one(model, routed, tok, feats["train"], quality_preset(p, seed), lr, device)
+                    tr = train_one(model, routed, tok, feats["train"], translation_preset(p, seed), lr, device)
                     ev = evaluate(model, ("dev",))
                     dev = macro_nll(ev["dev"], evalsets["dev"].groups)
                     losses = tr["losses"]
@@ -789,30 +566,6 @@ def _keep_best(kept: dict, results: dict, nr, method, seed) -> dict:
     return kept
 
 
-def score_by_type(sel) -> dict:
-    """Mean (over the layers of a type) of the layer's mean group-normalised neuron score: shows how far raw scores
-    of different projection types sit apart, which is what the raw layer ranking compares."""
-    from neuron_peft.selection import module_type
-
-    norm = sel.normalised_scores()
-    acc: dict[str, list[float]] = {}
-    for n, p in zip(sel.layers, sel.parts):
-        acc.setdefault(module_type(n, p).split(":")[1], []).append(float(norm[n].mean()))
-    return {t: round(sum(v) / len(v), 4) for t, v in acc.items()}
-
-
-def _type_counts(sel) -> dict:
-    from neuron_peft.selection import module_type
-
-    out: dict[str, int] = {}
-    for n, p in zip(sel.layers, sel.parts):
-        k = len(sel.neurons.get(n, [])) + sum(len(r.get(n, [])) for r in sel.language_neurons.values())
-        if k:
-            t = module_type(n, p).split(":")[1]
-            out[t] = out.get(t, 0) + k
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------- report
 def summarise(results: dict) -> dict:
     """Per budget and method: seed-level NLLs, intervals, paired differences, forgetting, chrF/BLEU."""
@@ -860,12 +613,6 @@ def summarise(results: dict) -> dict:
     return out
 
 
-def _pm(x, nd=3) -> str:
-    if not x:
-        return "n/a"
-    return f"{x[0]:.{nd}f}" + ("" if not math.isfinite(x[1]) else f" ± {x[1]:.{nd}f}")
-
-
 def write_report(results: dict, out_dir: Path, log) -> str:
     from neuron_peft.fileio import atomic_write_text
 
@@ -904,8 +651,8 @@ def write_report(results: dict, out_dir: Path, log) -> str:
 
             grid = "/".join(f"{g:g}" for g in r["grid"])
             lines.append(f"| {m} ({r['seeds']} seed{'s' if r['seeds'] > 1 else ''}) | {r['lr']:g} ({grid}){' EDGE' if r['at_edge'] else ''} | {r['trainable']:,} | "
-                         f"{_pm(r['dev'])} | **{_pm(r['test'])}** | {d('taylor')} | {d('random-all')} | {d('lora')} | "
-                         f"{_pm(r['chrf'], 2)} | {_pm(r['bleu'], 2)} | {_pm(r['forget'])} | {_pm(r['english'])} |")  # fmt: skip
+                         f"{fmt_pm(r['dev'])} | **{fmt_pm(r['test'])}** | {d('taylor')} | {d('random-all')} | {d('lora')} | "
+                         f"{fmt_pm(r['chrf'], 2)} | {fmt_pm(r['bleu'], 2)} | {fmt_pm(r['forget'])} | {fmt_pm(r['english'])} |")  # fmt: skip
         types = {m: v["types"] for m, v in info_b["selections"].items()}
         lines += ["", "Rows by module type: " + "; ".join(f"{m} {t}" for m, t in types.items())]
     md = "\n".join(lines) + "\n"
@@ -921,13 +668,7 @@ def write_report(results: dict, out_dir: Path, log) -> str:
 
 
 def plot(s: dict, path: Path, results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from neuron_peft.fileio import atomic_path
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     methods = sorted({m for b in s["budgets"].values() for m in b["rows"]})
     for i, m in enumerate(methods):
@@ -949,9 +690,7 @@ def plot(s: dict, path: Path, results: dict) -> None:
     ax.set_title(f"selection value, preset {results['preset']}", fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
