@@ -19,6 +19,11 @@ Peak memory is measured in a separate, untimed pass per method, with nothing els
 Inference overhead: forward-only (``torch.no_grad``, eval mode) time of the base model vs NeuronSelect 10%
 unmerged and vs NeuronSelect 10% after ``merge_adapter()``, also interleaved.
 
+Where things are: timing a step, the peak-memory pass and the machine record are in ``common/timing.py`` and
+``common/machine.py`` (shared with speed_vlm.py); this file holds the presets, the methods, the timing loops and
+the report. It is longer than the ~400 lines the other files keep to because all of these are this benchmark's
+alone (speed_vlm.py builds other models and methods and reports fewer columns).
+
 Usage::
 
     python benchmarks/speed.py --preset cpu                 # ~34M Llama, fp32, 8x128 tokens, 2 threads
@@ -29,36 +34,29 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
-import datetime
-import gc
+import functools
 import math
-import os
-import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
 
-try:
-    import neuron_peft  # noqa: F401  (registers the PEFT method)
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import neuron_peft  # noqa: F401
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for the shared set-up in common/
+from common.machine import MiB, speed_machine_info  # noqa: E402
+from common.timing import peak_bytes, release, resolve_preset, sync, timed  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from neuron_peft import NeuronSelectConfig
-from neuron_peft.fileio import OutputPathError, atomic_write_json, check_output_file
+from neuron_peft import NeuronSelectConfig  # noqa: E402
+from neuron_peft.fileio import OutputPathError, atomic_write_json, check_output_file  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ["neuron-10", "neuron-40", "neuron-100", "lora", "dora", "full", "floor"]
-MiB = 1024 * 1024
 
 
 @dataclass
@@ -220,75 +218,9 @@ def make_runner(name: str, preset: Preset) -> Runner:
 # ---------------------------------------------------------------------------------------------- measuring
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn: Callable, device: str) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of fn(), synchronised on CUDA."""
-    _sync(device)
-    t, c = time.perf_counter(), time.process_time()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t, time.process_time() - c
-
-
-def _release(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-
-
-def cpu_peak_bytes(prof, start_ns: int) -> int:
-    """Peak live bytes after ``start_ns``, replaying the profiler's allocation events from the profile's start."""
-    events = sorted(
-        ((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-        key=lambda t: t[0],
-    )
-    live, peak = 0, 0
-    for ts, nbytes in events:
-        live += nbytes
-        if ts >= start_ns:
-            peak = max(peak, live)
-    return peak
-
-
 def measure_peak(name: str, preset: Preset, ids: torch.Tensor) -> int:
     """Peak bytes of one training step of `name` in steady state (second step), nothing else of it alive."""
-    _release(preset.device)
-    if preset.device == "cuda":
-        base_alloc = torch.cuda.memory_allocated()
-        runner = make_runner(name, preset)
-        runner.step(ids)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        runner.step(ids)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base_alloc
-    else:
-        from torch.profiler import ProfilerActivity, profile, record_function
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            runner = make_runner(name, preset)
-            runner.step(ids)
-            with record_function(_MARK):
-                runner.step(ids)
-        peak = cpu_peak_bytes(prof, _mark_ns(prof))
-    del runner
-    _release(preset.device)
-    return peak
-
-
-_MARK = "speed_bench_measured_step"
-
-
-def _mark_ns(prof) -> int:
-    """Start of the measured (second) step in the profiler's own clock, found by its record_function marker."""
-    starts = [e.start_ns() for e in prof.profiler.kineto_results.events() if e.name() == _MARK]
-    if len(starts) != 1:
-        raise RuntimeError(f"expected one '{_MARK}' event in the memory profile, found {len(starts)}")
-    return starts[0]
+    return peak_bytes(lambda: functools.partial(make_runner(name, preset).step, ids), preset.device)
 
 
 def measure_training(methods: list[str], preset: Preset, ids: torch.Tensor, rounds: int, warmup: int,
@@ -298,13 +230,13 @@ def measure_training(methods: list[str], preset: Preset, ids: torch.Tensor, roun
     for r in runners.values():
         for _ in range(warmup):
             r.step(ids)
-    _sync(preset.device)
+    sync(preset.device)
     for rnd in tqdm(range(rounds), desc="timing rounds", unit="round", leave=False):
         order = methods[rnd % len(methods) :] + methods[: rnd % len(methods)]
         for m in order:
             r = runners[m]
             for _ in range(steps):
-                wall, cpu = _timed(lambda r=r: r.step(ids), preset.device)
+                wall, cpu = timed(lambda r=r: r.step(ids), preset.device)
                 r.times.append(wall)
                 r.cpu_times.append(cpu)
         log(f"  round {rnd + 1}/{rounds}: " + ", ".join(f"{m} {1e3 * runners[m].times[-1]:.0f}" for m in methods))
@@ -334,9 +266,9 @@ def measure_inference(preset: Preset, ids: torch.Tensor, rounds: int, steps: int
         for rnd in tqdm(range(rounds), desc="inference rounds", unit="round", leave=False):
             for k in names[rnd % 3 :] + names[: rnd % 3]:
                 for _ in range(steps):
-                    times[k].append(_timed(lambda k=k: models[k](input_ids=ids), preset.device)[clock])
+                    times[k].append(timed(lambda k=k: models[k](input_ids=ids), preset.device)[clock])
     models.clear()
-    _release(preset.device)
+    release(preset.device)
     return times
 
 
@@ -408,26 +340,6 @@ def check_targets(results: dict) -> list[tuple[str, Optional[float], float, Opti
     return [(name, val, thr, None if val is None else val <= thr) for name, val, thr in checks]
 
 
-def machine_info(device: str) -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu, "nproc": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-    }  # fmt: skip
-    try:
-        info["loadavg"] = open("/proc/loadavg").read().split()[:3]
-    except OSError:
-        pass
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -462,27 +374,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def resolve_preset(presets: dict, args, log=print):
-    """The preset with --device/--dtype/--threads applied; None (with a message) when CUDA is asked for but absent.
-
-    Moving a preset to the CPU without --dtype runs it in fp32 (bf16 matmuls are slow or emulated on most CPUs).
-    """
-    preset = copy.deepcopy(presets[args.preset])
-    if args.device:
-        preset.device = args.device
-        if preset.device == "cpu" and preset.dtype == torch.bfloat16 and not args.dtype:
-            preset.dtype = torch.float32
-    if args.dtype:
-        preset.dtype = getattr(torch, args.dtype)
-    if preset.device == "cuda" and not torch.cuda.is_available():
-        log(f"CUDA is not available: skipping --preset {args.preset} on cuda (nothing measured).")
-        return None
-    threads = args.threads or preset.threads
-    if preset.device == "cpu" and threads:
-        torch.set_num_threads(threads)
-    return preset
-
-
 def main(argv=None, log=print) -> Optional[dict]:
     """Run the benchmark; returns the results dict (None when the requested device is unavailable)."""
     args = parse_args(argv)
@@ -501,7 +392,7 @@ def main(argv=None, log=print) -> Optional[dict]:
 
     gen = torch.Generator().manual_seed(1234)
     ids = torch.randint(0, preset.model["vocab_size"], (preset.batch, preset.seq), generator=gen).to(preset.device)
-    info = machine_info(preset.device)
+    info = speed_machine_info(preset.device)
     mem_method = (
         "torch.cuda.max_memory_allocated over the 2nd step, one model resident"
         if preset.device == "cuda"
@@ -549,8 +440,8 @@ def main(argv=None, log=print) -> Optional[dict]:
                 "peak_mib": peaks.get(m),
             }
         del runners
-        _release(preset.device)
-    results["machine"]["loadavg_end"] = machine_info(preset.device).get("loadavg")
+        release(preset.device)
+    results["machine"]["loadavg_end"] = speed_machine_info(preset.device).get("loadavg")
 
     if not args.no_inference and not args.memory_only:
         log("inference (forward only, no_grad) ...")

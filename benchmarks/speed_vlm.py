@@ -5,7 +5,7 @@ rebuilt from its config with a fixed seed), the same batch of rendered sentence 
 instructions (labels on the answers only, built by `neuron_peft.multimodal.VLMInputs`), the Linear layers of all
 three parts as targets (`vlm_target_modules`), and AdamW. Timing is interleaved over rounds (round-robin, order
 rotated) and the median is reported; peak memory is a separate pass per method (CUDA: max_memory_allocated over
-the second step; CPU: torch.profiler allocation events replayed, as in ``benchmarks/speed.py``).
+the second step; CPU: torch.profiler allocation events replayed; both in ``benchmarks/common/timing.py``).
 
 Methods: ``neuron-10`` / ``neuron-40`` (10% / 40% of the rows of every targeted layer, random rows),
 ``neuron-sel`` (rows chosen by `select_vlm_neurons` on the batch: vision 25%, projector 100%, language 40% of the
@@ -35,25 +35,10 @@ from typing import Callable, Optional
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-try:
-    import neuron_peft  # noqa: F401
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.dirname(HERE))
-    import neuron_peft  # noqa: F401
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/, for the shared set-up in common/
+from common.machine import MiB, speed_machine_info  # noqa: E402
+from common.timing import peak_bytes, release, resolve_preset, sync, timed  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from speed import (  # noqa: E402
-    _MARK,
-    _mark_ns,
-    _release,
-    _sync,
-    _timed,
-    cpu_peak_bytes,
-    machine_info,
-    resolve_preset,
-)
 
 from neuron_peft import NeuronSelectConfig  # noqa: E402
 from neuron_peft.data import ParallelExample  # noqa: E402
@@ -70,7 +55,6 @@ from neuron_peft.multimodal import (  # noqa: E402
 )
 
 METHODS = ["neuron-10", "neuron-40", "neuron-sel", "lora", "full"]
-MiB = 1024 * 1024
 SENTENCES = [
     ("In the beginning God created the heaven and the earth.", "Au commencement, Dieu crea les cieux et la terre.", "fr"),
     ("And God said, Let there be light: and there was light.", "Und Gott sprach: Es werde Licht! Und es ward Licht.", "de"),
@@ -216,31 +200,8 @@ def stepper(model, batch, name: str) -> Callable[[], None]:
 
 
 def peak_memory(name: str, source: Source, batch, inputs, data) -> float:
-    dev = source.preset.device
-    _release(dev)
-    if dev == "cuda":
-        base = torch.cuda.memory_allocated()
-        model, _ = make(name, source, inputs, data)
-        step = stepper(model, batch, name)
-        step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        from torch.profiler import ProfilerActivity, profile, record_function
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            model, _ = make(name, source, inputs, data)
-            step = stepper(model, batch, name)
-            step()
-            with record_function(_MARK):
-                step()
-        peak = cpu_peak_bytes(prof, _mark_ns(prof))
-    del model, step
-    _release(dev)
-    return peak / MiB
+    """MiB at the peak of one training step of `name` (second step), nothing else of it alive."""
+    return peak_bytes(lambda: stepper(make(name, source, inputs, data)[0], batch, name), source.preset.device) / MiB
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -276,9 +237,9 @@ def main(argv=None, log=print) -> Optional[dict]:
     targets = vlm_target_modules(probe)
     n_params = sum(p.numel() for p in probe.parameters())
     del probe
-    _release(preset.device)
+    release(preset.device)
     seq = tuple(batch["input_ids"].shape)
-    info = machine_info(preset.device)
+    info = speed_machine_info(preset.device)
     log(
         f"model: {args.model or 'preset ' + args.preset} ({n_params / 1e6:.1f}M params), {preset.device} {preset.dtype}"
     )
@@ -301,10 +262,10 @@ def main(argv=None, log=print) -> Optional[dict]:
         runners[m] = (model, trainable, stepper(model, batch, m), [])
         for _ in range(preset.warmup):
             runners[m][2]()
-    _sync(preset.device)
+    sync(preset.device)
     for rnd in range(rounds):
         for m in methods[rnd % len(methods) :] + methods[: rnd % len(methods)]:
-            runners[m][3].append(_timed(runners[m][2], preset.device)[0])
+            runners[m][3].append(timed(runners[m][2], preset.device)[0])
         log(f"  round {rnd + 1}/{rounds}: " + ", ".join(f"{m} {1e3 * runners[m][3][-1]:.0f}" for m in methods))
     lora = statistics.median(runners["lora"][3]) if "lora" in runners else None
     lines = ["| method | trainable | ms/step (median) | x LoRA | min ms | peak MiB | mem x LoRA |",
@@ -319,7 +280,7 @@ def main(argv=None, log=print) -> Optional[dict]:
         xm = f"{pk / peaks['lora']:.2f}" if pk and peaks.get("lora") else "-"
         lines.append(f"| {m} | {trainable:,} | {1e3 * med:.1f} | {x} | {1e3 * min(times):.1f} | "
                      f"{'-' if pk is None else f'{pk:.1f}'} | {xm} |")  # fmt: skip
-    results["machine"]["loadavg_end"] = machine_info(preset.device).get("loadavg")
+    results["machine"]["loadavg_end"] = speed_machine_info(preset.device).get("loadavg")
     log("")
     log("\n".join(lines))
     if args.json:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -12,6 +13,12 @@ from testing_utils import load_benchmark
 @pytest.fixture(scope="module")
 def speed():
     return load_benchmark("speed")
+
+
+@pytest.fixture(scope="module")
+def timing(speed):
+    """benchmarks/common/timing.py (importable once the runner has put benchmarks/ on sys.path)."""
+    return importlib.import_module("common.timing")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +82,7 @@ def test_cuda_absent_skips_cleanly(speed, monkeypatch):
     assert "CUDA is not available" in lines[0]
 
 
-def test_peak_replay(speed):
+def test_peak_replay(timing):
     """cpu_peak_bytes replays alloc/free events in time order and counts only the peak after the marker."""
     from types import SimpleNamespace as NS
 
@@ -85,7 +92,7 @@ def test_peak_replay(speed):
     # 100 live before the marker (peak 150 there), then +30, -50, +70 -> peak 150 after the marker at t=5
     events = [ev(4, -50), ev(1, 100), ev(2, 50), ev(5, 0, "mark"), ev(6, 30), ev(7, -50), ev(8, 70), ev(3, 0, "x")]
     prof = NS(profiler=NS(kineto_results=NS(events=lambda: events)))
-    assert speed.cpu_peak_bytes(prof, 5) == 150
-    assert speed.cpu_peak_bytes(prof, 0) == 150
+    assert timing.cpu_peak_bytes(prof, 5) == 150
+    assert timing.cpu_peak_bytes(prof, 0) == 150
     events.append(ev(9, 100))
-    assert speed.cpu_peak_bytes(prof, 5) == 250
+    assert timing.cpu_peak_bytes(prof, 5) == 250
