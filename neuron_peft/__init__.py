@@ -1,9 +1,10 @@
 """neuron_peft: neuron-level selective fine-tuning as a Hugging Face PEFT method.
 
 `import neuron_peft` registers the method with PEFT (peft type ``NEURON_SELECT``, prefix ``neuron_select_``), so
-`get_peft_model`, `PeftModel.from_pretrained`, `AutoPeftModel*` and transformers' `load_adapter` work with it. It
-also installs the three wrappers of `neuron_peft.tuner.peft_patches` (the adapter's model card on save and push, a
-clear error for corrupt adapter files), for which PEFT has no hook. Nothing else in other libraries is changed.
+`get_peft_model`, `PeftModel.from_pretrained`, `AutoPeftModel*` and transformers' `load_adapter` work with it. That
+registration is the only change the import makes to other libraries: the model card is written from PEFT's own save
+steps (`neuron_peft.tuner.model_card`), and pushing with that card is an explicit call
+(`neuron_peft.integrations.hub.push_to_hub`).
 
 The method's stages are packages: `neuron_peft.selection` scores neurons and chooses rows, `neuron_peft.tuner` adapts
 and routes them (the PEFT method). Around them: `neuron_peft.data` (corpora, prompts, batches),
@@ -29,12 +30,9 @@ from .tuner import (
     allow_nonfinite,
     group_ids,
     mark_adapter_updated,
-    peft_patches,
     register,
     route,
 )
-
-peft_patches.install()
 
 __version__ = "0.1.0"
 

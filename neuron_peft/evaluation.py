@@ -26,7 +26,7 @@ class _StopAtNewline:
     """Stopping criterion: a row is done once its new text holds a newline (few-shot answers end with one).
 
     Kept instead of ``generate(stop_strings=["\\n"], tokenizer=...)`` (transformers' ``StopStringCriteria``), which
-    stops at the same step (tests/test_data.py checks it on the same model) but, in transformers 5.23, costs 7-10 s
+    stops at the same step (tests/data/test_data.py checks it on the same model) but, in transformers 5.23, costs 7-10 s
     per ``generate`` call for Gemma 3's 262,144-token vocabulary on this project's CPU: it rebuilds its token tables
     on every call because its cache key is the vocabulary in ``get_vocab()`` order, which changes from call to call
     for fast tokenizers, so the cache never hits (minutes per benchmark run). It also cannot preprocess word-level

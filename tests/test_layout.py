@@ -200,9 +200,33 @@ hooks = lambda: {
     for name in names
 }
 before = hooks()
+import inspect
 import peft
+
+LIBS = ("peft", "transformers", "safetensors", "huggingface_hub", "accelerate", "torch")
+
+
+def functions():
+    # id of every function / method / property of the libraries' loaded modules and their classes: a patched
+    # (replaced) one gets a new id
+    out = {}
+    for mname, mod in list(sys.modules.items()):
+        if not mname.startswith(LIBS) or mod is None:
+            continue
+        for k, v in list(vars(mod).items()):
+            if inspect.isclass(v) and getattr(v, "__module__", None) == mname:
+                for ck, cv in list(vars(v).items()):
+                    if callable(cv) or isinstance(cv, (staticmethod, classmethod, property)):
+                        out[f"{mname}.{k}.{ck}"] = id(cv)
+            elif callable(v):
+                out[f"{mname}.{k}"] = id(v)
+    return out
+
+
+functions_before = functions()
 registered_before = "NEURON_SELECT" in peft.utils.PeftType.__members__
 import neuron_peft
+functions_after = functions()
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 print(json.dumps({
     "registered_before": registered_before,
@@ -212,6 +236,8 @@ print(json.dumps({
     "hooks_before": before,
     "hooks_after": hooks(),
     "loaded": sorted(m for m in sys.modules if m.startswith("neuron_peft")),
+    "checked_functions": len(functions_before),
+    "replaced": sorted(k for k, v in functions_before.items() if k in functions_after and functions_after[k] != v),
 }))
 """
 
@@ -226,5 +252,7 @@ def test_import_registers_the_method_and_nothing_global():
         "NeuronSelectModel",
     )
     assert facts["hooks_after"] == facts["hooks_before"], "import neuron_peft installed a global torch hook"
+    # no function, method or property of peft / transformers / torch / ... was replaced (before: three PEFT wrappers)
+    assert facts["checked_functions"] > 10_000 and facts["replaced"] == [], facts["replaced"]
     optional = tuple(f"{ROOT}.{m}" for m in ("data", "evaluation", "integrations", "training", "multimodal", "cli"))
     assert not [m for m in facts["loaded"] if m.startswith(optional)], facts["loaded"]

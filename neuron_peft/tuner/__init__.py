@@ -8,8 +8,9 @@
   `unsupported.py` names the PEFT methods that do not apply.
 * `routing.py` — per-sample language routing of the weight gradients; `groups_keyword.py` — how the
   ``neuron_groups`` keyword reaches it; `packed_patches.py` — routing for packed-patch vision towers.
-* `peft_type.py` / `registration.py` — the method's PEFT identity and its registration (run last, below);
-  `peft_patches.py` / `model_card.py` — the model card and file-error wrappers PEFT has no hook for.
+* `peft_type.py` / `registration.py` — the method's PEFT identity and its registration (run last, below: the only
+  change made to PEFT); `model_card.py` — the NeuronSelect part of the adapter's model card, written from PEFT's
+  own save steps.
 
 Nothing here imports `neuron_peft.selection`, `neuron_peft.data` or `neuron_peft.integrations`: the tuner works on
 any rows, however they were chosen.

@@ -7,14 +7,32 @@ into `neurons`, so a saved adapter_config.json always lists explicit indices and
 from __future__ import annotations
 
 import operator
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from ..errors import AdapterFileError
+from .model_card import write_pending_card
 from .peft_type import NEURON_SELECT_PEFT_TYPE
 
 NEURON_INIT_CHOICES = ("magnitude", "random")
+
+
+def check_adapter_file_readable(path: str) -> None:
+    """Refuse a local safetensors adapter file whose header or data safetensors cannot read (`AdapterFileError`
+    naming the file). A missing file is left to PEFT (it may be a ``.bin`` adapter or a Hub id)."""
+    if not os.path.isfile(path):
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                f.get_slice(key)  # checks that the tensor's byte range lies inside the file
+    except Exception as err:  # safetensors raises its own SafetensorError (not an OSError) for bad files
+        raise AdapterFileError(f"corrupt or truncated adapter file {path}: {err}") from err
 
 
 def _is_bool(value) -> bool:
@@ -125,6 +143,24 @@ class NeuronSelectConfig(PeftConfig):
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Extra modules to train fully and save, e.g. a classifier head."}
     )
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """PEFT's config save, then the NeuronSelect part of the model card PEFT wrote for this save (usage snippet,
+        selection summary; `neuron_peft.tuner.model_card`). PEFT calls this last in ``PeftModel.save_pretrained``."""
+        super().save_pretrained(save_directory, **kwargs)
+        write_pending_card(self, save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """PEFT's config load; for a local folder also a readable check of its adapter file first.
+
+        ``PeftModel.from_pretrained`` loads the config through this method before safetensors reads the weights, so a
+        corrupt or truncated ``adapter_model.safetensors`` is refused here with its path (`AdapterFileError`) instead
+        of safetensors' bare header error. (Loaders that pass a ready config skip this check.)"""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
+        check_adapter_file_readable(os.path.join(folder, "adapter_model.safetensors"))
+        return config
 
     def __post_init__(self):
         super().__post_init__()

@@ -28,6 +28,7 @@ from .adapter_file import check_adapter_state_dict
 from .config import NeuronSelectConfig, _check_rows
 from .groups_keyword import GroupsPreHook, declare_groups_argument, undeclare_groups_argument
 from .layer import Linear, NeuronSelectLayer, linear_features
+from .model_card import take_summary
 from .peft_type import PREFIX
 from .routing import RouteState
 from .summary import selection_summary
@@ -338,8 +339,10 @@ class NeuronSelectModel(UnsupportedPeftMethods, BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         """PEFT's selection of this adapter's tensors for ``save_pretrained`` / ``get_peft_model_state_dict``; refuses
-        NaN/Inf deltas (`NonFiniteDeltaError`) unless the model is inside `allow_nonfinite`."""
+        NaN/Inf deltas (`NonFiniteDeltaError`) unless the model is inside `allow_nonfinite`. It is also the one save
+        step with the model at hand, so it keeps the adapter's summary for the model card (`model_card.take_summary`)."""
         to_save = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        take_summary(model, config, adapter_name)  # for the model card, written when the config is saved
         if not _nonfinite_allowed(model):
             deltas = (
                 (key.removeprefix("base_model.model."), value)

@@ -1,7 +1,10 @@
 """The NeuronSelect part of an adapter's model card (README.md): how to install and load it, and what it trains.
 
-PEFT writes the card (``library_name: peft``, base model, tags, framework versions); `update_model_card` adds one
-block between two HTML-comment markers, so saving again replaces the block and leaves the rest of the card, including
+PEFT writes the card (``library_name: peft``, base model, tags, framework versions) at the start of
+``PeftModel.save_pretrained``, then saves each adapter's tensors and config. The tuner takes the adapter's summary when
+PEFT asks it for the tensors to save (``NeuronSelectModel._get_adapter_state_dict``) and `NeuronSelectConfig.
+save_pretrained`, which PEFT calls last, adds it to that card: PEFT's own save path, no patched PEFT function.
+`update_model_card` adds one block between two HTML-comment markers, so saving again replaces the block and leaves the rest of the card, including
 the author's edits, alone; the first save puts it right under the title. The block opens with the usage section (``pip install neuron-peft`` and a load snippet
 that imports ``neuron_peft``: without that import PEFT cannot load the adapter, see `neuron_peft.tuner.peft_type`),
 then states the base model, target modules, selected rows per module type, language groups, trainable parameters
@@ -37,10 +40,8 @@ def trainable_line(trainable: int, total: int) -> str:
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
 
 
-def load_snippet(peft_model, adapter_id: str) -> str:
-    """Python that loads this adapter in a fresh process (the card's usage block)."""
-    config = peft_model.active_peft_config
-    adapter = peft_model.active_adapter
+def load_snippet(config, adapter: str, adapter_id: str) -> str:
+    """Python that loads adapter `adapter` (its `config`) in a fresh process (the card's usage block)."""
     task = getattr(config, "task_type", None)
     task = getattr(task, "value", task)
     auto = _AUTO_CLASSES.get(task)
@@ -70,10 +71,12 @@ def _pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.2f}%" if whole else "n/a"
 
 
-def card_block(peft_model, adapter_id: str) -> str:
-    """The generated Markdown block (usage first, then the adapter's facts), between the markers."""
-    s = peft_model.base_model.selection_summary(peft_model.active_adapter)
-    config = peft_model.active_peft_config
+def card_block(summary: dict, config, adapter_id: str) -> str:
+    """The generated Markdown block (usage first, then the adapter's facts), between the markers.
+
+    `summary` is `NeuronSelectModel.selection_summary` of the adapter (plain data, taken while the model was at
+    hand), `config` its `NeuronSelectConfig`, `adapter_id` the Hub id or folder the load snippet names."""
+    s = summary
     base = config.base_model_name_or_path or "not recorded"
     targets = s["target_modules"]
     targets = ", ".join(f"`{t}`" for t in targets) if isinstance(targets, list) else f"`{targets}` (regex)"
@@ -110,7 +113,7 @@ def card_block(peft_model, adapter_id: str) -> str:
         "```",
         "",
         "```python",
-        load_snippet(peft_model, adapter_id),
+        load_snippet(config, s["adapter"], adapter_id),
         "```",
         "",
         "`import neuron_peft` must come before loading: it registers the `NEURON_SELECT` PEFT type. PEFT cannot find "
@@ -155,13 +158,40 @@ def _splice(text: str, block: str) -> str:
     return "\n".join(lines[:first] + [block, ""] + lines[first:])
 
 
-def update_model_card(peft_model, output_dir: str, adapter_id: Optional[str] = None) -> None:
-    """Add (or replace) the NeuronSelect block and tags in ``output_dir/README.md`` (PEFT has written it already)."""
+def update_model_card(card_dir: str, summary: dict, config, adapter_id: Optional[str] = None) -> None:
+    """Add (or replace) the NeuronSelect block and tags in ``card_dir/README.md`` (PEFT has written it already)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    path = os.path.join(output_dir, "README.md")
+    path = os.path.join(card_dir, "README.md")
     card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
     card.data.library_name = "peft"
     card.data.tags = sorted(set(card.data.tags or []) | set(TAGS))
-    card.text = _splice(card.text, card_block(peft_model, adapter_id or output_dir))
+    card.text = _splice(card.text, card_block(summary, config, adapter_id or card_dir))
     card.save(path)
+
+
+# The hand-over between PEFT's two save steps that reach NeuronSelect code: the tuner's `_get_adapter_state_dict`
+# (model at hand, card already written) and the config's `save_pretrained` (folder known, tensors written). Plain data
+# on the config instance, never a dataclass field (so never in adapter_config.json), consumed by the save it belongs to.
+_PENDING = "_neuron_select_pending_card"
+
+
+def take_summary(model, config, adapter_name: str) -> None:
+    """Called while PEFT collects `adapter_name`'s tensors: if `model` is a PeftModel whose active adapter this is
+    (PEFT's card describes the active adapter), keep its summary on `config` for `write_pending_card`."""
+    summary = getattr(model, "base_model", None)
+    if getattr(model, "active_adapter", None) != adapter_name or not hasattr(summary, "selection_summary"):
+        return
+    config.__dict__[_PENDING] = model.base_model.selection_summary(adapter_name)
+
+
+def write_pending_card(config, output_dir: str) -> None:
+    """Called by `NeuronSelectConfig.save_pretrained`: add the kept summary to the card PEFT wrote for this save
+    (``output_dir`` for the default adapter, its parent for a named one). Nothing kept, or no card there (a config
+    saved on its own): nothing written."""
+    summary = config.__dict__.pop(_PENDING, None)
+    if summary is None:
+        return
+    card_dir = output_dir if summary["adapter"] == "default" else os.path.dirname(os.path.normpath(output_dir))
+    if os.path.isfile(os.path.join(card_dir, "README.md")):
+        update_model_card(card_dir, summary, config)

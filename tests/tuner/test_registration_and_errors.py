@@ -173,11 +173,14 @@ def test_adapter_for_a_different_model(tmp_path):
 
 
 def test_push_to_hub_goes_through_peft(tmp_path, monkeypatch):
-    """push_to_hub uploads what save_pretrained writes (the Hub client is replaced: no network), and the card it
-    uploads is the NeuronSelect card with the repo id in its load snippet, although transformers' push_to_hub puts
-    the Hub repo's own card (here a blank template with library_name: transformers) in place of the saved one."""
+    """push_to_hub uploads what save_pretrained writes (the Hub client is replaced: no network). Plain
+    ``model.push_to_hub`` behaves as for every PEFT adapter: transformers puts the Hub repo's own card (here a blank
+    template with library_name: transformers) in place of the saved one. `neuron_peft.integrations.hub.push_to_hub`
+    uploads the same files with the NeuronSelect card re-applied on the Hub's, its load snippet naming the repo id."""
     import transformers.utils.hub as hub
     from huggingface_hub import ModelCard, ModelCardData
+
+    from neuron_peft.integrations.hub import push_to_hub
 
     pushed = {}
 
@@ -199,6 +202,10 @@ def test_push_to_hub_goes_through_peft(tmp_path, monkeypatch):
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= set(pushed)
     assert pushed["adapter_model.safetensors"] == (out / "adapter_model.safetensors").read_bytes()
     assert json.loads(pushed["adapter_config.json"])["peft_type"] == "NEURON_SELECT"
+    assert "Hub text" in pushed["README.md"].decode() and "neuron-select" not in pushed["README.md"].decode()
+    pushed.clear()
+    push_to_hub(model, "me/neuron-select-test")
+    assert pushed["adapter_model.safetensors"] == (out / "adapter_model.safetensors").read_bytes()
     card = pushed["README.md"].decode()
     assert "library_name: peft" in card and "- neuron-select" in card and "Hub text" in card
     assert "adapter = 'me/neuron-select-test'" in python_blocks(card)[0]
@@ -353,12 +360,21 @@ def test_unsupported_peft_methods_say_what_to_do_instead():
         model.base_model.subtract_mutated_init({}, "default")
 
 
-def test_import_changes_peft_only_where_documented():
-    """The PEFT methods neuron_peft wraps: the card on save and push, nothing else (PeftModel.__init__ is PEFT's)."""
-    from peft import PeftModel
+def test_config_saved_on_its_own_writes_no_card_and_pickles(tmp_path):
+    """The card is written only by the PeftModel save it belongs to: a config saved on its own (after the model's
+    state dict was taken) creates no README.md, and the hand-over never reaches adapter_config.json or a pickle."""
+    import pickle
 
-    wrapped = {n for n, v in vars(PeftModel).items() if getattr(v, "_neuron_peft_wrapped", False)}
-    assert wrapped == {"create_or_update_model_card", "push_to_hub"}
+    from peft import get_peft_model_state_dict
+
+    _, model, out = saved_adapter(tmp_path)
+    get_peft_model_state_dict(model)  # keeps a summary on the config, as a save would
+    config = model.peft_config["default"]
+    copy.deepcopy(config)
+    pickle.loads(pickle.dumps(config))
+    config.save_pretrained(tmp_path / "config_only")
+    assert sorted(p.name for p in (tmp_path / "config_only").iterdir()) == ["adapter_config.json"]
+    assert "pending" not in (tmp_path / "config_only" / "adapter_config.json").read_text()
 
 
 def test_declared_groups_keyword_follows_copies_and_goes_with_unload():
