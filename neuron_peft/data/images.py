@@ -89,13 +89,10 @@ def find_fonts(text: Optional[str] = None, dirs: Optional[Sequence[Union[str, os
     return out
 
 
-_WARNED: set[str] = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(message, stacklevel=3)
+def _warn_font(message: str) -> None:
+    """A font problem, said through `warnings`: its default filter shows it once per call site, and the user's
+    filters decide the rest (no registry of our own)."""
+    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 # ------------------------------------------------------------------------------------------------------ rendering
@@ -187,11 +184,11 @@ def render_text_image(
     if fonts is None and not candidates:
         any_font = find_fonts()
         if any_font:
-            _warn_once("coverage", "no installed font covers every character of the text; some glyphs will be "
+            _warn_font("no installed font covers every character of the text; some glyphs will be "
                        "boxes (Debian: apt-get install fonts-noto-core)")  # fmt: skip
             candidates = any_font
         else:
-            _warn_once("nofont", "no font file found; using Pillow's built-in font (Latin only). Install fonts "
+            _warn_font("no font file found; using Pillow's built-in font (Latin only). Install fonts "
                        "(apt-get install fonts-dejavu-core fonts-noto-core) or set NEURON_PEFT_FONT_DIRS")  # fmt: skip
     path = rng.choice(sorted(candidates)) if candidates else None
     lo, hi = font_size

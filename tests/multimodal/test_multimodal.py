@@ -190,7 +190,6 @@ def test_wrap_and_font_fallback(monkeypatch):
     assert len(lines) > 2 and all(images._text_width(font, ln) <= 60 or " " not in ln for ln in lines)
     assert "".join(wrap_text("abcdefghij", font, 20)) == "abcdefghij"  # no spaces: breaks by character
     monkeypatch.setattr(images, "font_dirs", lambda: [])
-    images._WARNED.discard("nofont")
     with pytest.warns(UserWarning, match="no font file found"):
         img = render_text_image("Hello world", seed=3, size=(64, 32))
     assert len(np.unique(np.asarray(img).reshape(-1, 3), axis=0)) > 2
