@@ -14,6 +14,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from .. import __version__
+from ..selection.ranking import ROW_SELECTIONS, SCORE_NORMALIZATIONS
 from .checks import device_of
 
 DEFAULT_LANGS = "fr,de,hi,tr"
@@ -206,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "that train")  # fmt: skip
         p.add_argument("--specific-ratio", type=_fraction, default=0.1, help="share of the trained rows that are "
                        "language-specific (owned by one group)")  # fmt: skip
+        p.add_argument("--row-selection", default="layers", choices=ROW_SELECTIONS, help="'layers': keep the top "
+                       "--layer-ratio layers, then their top --neuron-ratio rows (MNAFT); 'per_layer': the top rows of "
+                       "every scored layer, same share of each; 'global': one ranking of all rows (budget: "
+                       "layer-ratio x neuron-ratio of the weights)")  # fmt: skip
+        p.add_argument("--score-normalization", default="none", choices=SCORE_NORMALIZATIONS, help="compare "
+                       "Taylor scores raw, or z-scored / rank-normalised within each module type (q/k/v/o/gate/up/"
+                       "down), so layer and row rankings are scale-free")  # fmt: skip
         p.add_argument("--n-calib", type=_positive, default=16, help="calibration examples per language")
 
     def train_args(p):

@@ -119,3 +119,20 @@ def test_evaluate_and_demo_run_with_progress(files, tmp_path, capsys):
     assert run_cli(["demo", *common, "--steps", "2", "--n-calib", "2", "--batch-size", "2", "--out", demo]) == 0
     assert {"report.md", "report.json", "adapter", "selection"} <= {p.name for p in demo.iterdir()}
     assert (demo / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_select_ranking_options_reach_select_neurons(files, tmp_path):
+    """--row-selection / --score-normalization are select_neurons' options: 'per_layer' keeps rows in every scored
+    layer, the same share of each (hand-computed: 2 layers x 7 projections, 25% of the weights -> every one of the
+    14 layers), where the default keeps the top 40% of layers; both are recorded in the saved selection."""
+    common = ["select", "--model", files / "model", "--data", files / "corpus.jsonl", "--n-calib", "2",
+              "--threads", "1", "--neuron-ratio", "0.625"]  # fmt: skip
+    assert run_cli([*common, "--out", tmp_path / "layers"]) == 0
+    assert run_cli([*common, "--row-selection", "per_layer", "--score-normalization", "module_type_rank",
+                    "--out", tmp_path / "per_layer"]) == 0  # fmt: skip
+    from neuron_peft import NeuronSelection
+
+    layers, per_layer = NeuronSelection.load(tmp_path / "layers"), NeuronSelection.load(tmp_path / "per_layer")
+    assert len(per_layer.kept_layers) == 14 and len(layers.kept_layers) < 14
+    assert (per_layer.row_selection, per_layer.score_normalization) == ("per_layer", "module_type_rank")
+    assert run_cli([*common, "--row-selection", "sideways", "--out", tmp_path / "bad"]) == 2
