@@ -4,6 +4,7 @@
 forget_dev (few-shot prompts) and forget_test (languages never trained). Splits come from different Bible books
 (`neuron_peft.data.bible_pairs`), so no verse is in two of them. With ``model="tiny"`` the pairs are fake:
 random English-word sentences with word-by-word made-up translations, so the whole pipeline runs offline in seconds.
+`english_pairs` gives selection_value.py's English-only verses (its forgetting probe on English itself).
 
 `export_data` / `read_data` write and read those pairs as jsonl, so a machine without the Bible corpus (or without
 network) trains and tests on exactly the sentences of the machine that made the extract.
@@ -71,6 +72,15 @@ def build_data(p: Preset) -> dict[str, list[ParallelExample]]:
         "forget_dev": bible(p.forget_langs, "dev", max(p.forget_shots, 1)),
         "forget_test": bible(p.forget_langs, "test", p.n_forget),
     }
+
+
+def english_pairs(model: str, n: int, max_chars, seed: int) -> list[ParallelExample]:
+    """``n`` English test-book verses (fake ones for ``model="tiny"``): selection_value.py's English-only probe."""
+    if model == "tiny":
+        return tiny_pairs(("fr",), n, "english", seed)
+    from neuron_peft.data import bible_pairs
+
+    return bible_pairs("en", ("fr",), split="test", max_per_lang=n, max_chars=max_chars, seed=seed + 1)
 
 
 DATA_FIELDS = ("src", "tgt", "group", "src_lang", "tgt_lang", "ref")

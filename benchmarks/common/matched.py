@@ -5,8 +5,9 @@ selection fixes the trained weights P (`budget_selections`); every other row met
 scores to train P weights too (rows x inputs, per-layer rounding aside): its ranking variants re-decide the
 selection, random and magnitude rows take the same share of rows (random-layers: the same count in Taylor's
 layers), LoRA/DoRA use the all-linear rank whose parameter count is closest to P (`lora_rank`). Full fine-tuning is
-budget-free. `build` puts a method on a deep copy of the pristine base; `score_by_type` and `type_counts` describe
-where a selection's scores and rows sit, by module type, for the report.
+budget-free. `METHODS` names them (``--methods``) with their learning-rate family; `build` puts a method on a deep
+copy of the pristine base; `score_by_type`, `type_counts` and `selection_record` describe where a selection's
+scores and rows sit, by module type, for the report.
 """
 
 from __future__ import annotations
@@ -19,6 +20,24 @@ from .models import NEURON_KW, lora_config, rows_config
 
 LAYER_RATIO = 0.4
 SPECIFIC_RATIO = 0.1
+
+# name -> (LR family, description)
+METHODS = {
+    "zero-shot": ("none", "base model, no training"),
+    "taylor": ("neuron", "Taylor (MNAFT): top layer_ratio layers by raw Taylor layer score, top rows, routed"),
+    "taylor-agnostic": ("neuron", "the same rows as taylor, all shared (no language-specific rows, no routing)"),
+    "taylor-type-rank": ("neuron", "layers ranked by Taylor score rank-normalised within module type, routed"),
+    "taylor-per-layer": ("neuron", "Taylor's top rows in every targeted layer, same share of each, routed"),
+    "taylor-global-rank": ("neuron", "global top rows by Taylor score rank-normalised within module type, routed"),
+    "taylor-global-z": ("neuron", "global top rows by Taylor score z-scored within module type, routed"),
+    "neumt": ("neuron", "NeuMT: layers by activation change vs this run's full fine-tune, Taylor rows, routed"),
+    "random-layers": ("neuron", "random rows in taylor's layers, same count per layer, unrouted"),
+    "random-all": ("neuron", "random rows, the same share of every targeted layer, unrouted"),
+    "magnitude": ("neuron", "largest-norm weight rows, the same share of every targeted layer, unrouted"),
+    "lora": ("lora", "LoRA all-linear, rank matched to the budget, alpha = 2r"),
+    "dora": ("lora", "DoRA all-linear, rank matched to the budget, alpha = 2r"),
+    "full": ("full", "full fine-tuning, every parameter (budget-free; shown in every budget)"),
+}
 
 
 def linear_sizes(model, names) -> dict[str, tuple[int, int]]:
@@ -128,6 +147,11 @@ def score_by_type(sel) -> dict:
     for n, p in zip(sel.layers, sel.parts):
         acc.setdefault(module_type(n, p).split(":")[1], []).append(float(norm[n].mean()))
     return {t: round(sum(v) / len(v), 4) for t, v in acc.items()}
+
+
+def selection_record(sel) -> dict:
+    """What results.json keeps of a selection: its layers, trained weights and selected rows per module type."""
+    return {"kept_layers": len(sel.kept_layers), "weights": sel.trained_weights(), "types": type_counts(sel)}
 
 
 def type_counts(sel) -> dict:

@@ -1,14 +1,16 @@
-"""The configuration of a translation run (`Preset`), and quality.py's named presets.
+"""The configuration of a translation run (`Preset`), and the named presets of quality.py and selection_value.py.
 
 A `Preset` is what data.py, models.py, methods.py and training.py read: model, languages, split sizes, steps,
 batch size, lengths, learning-rate grids, selection ratios, device and seed. quality.py runs the `PRESETS` below
-(``--preset``, then its command-line overrides); interleaved_steps.py times the methods of the same presets;
-selection_value.py has presets of its own and fills a `Preset` from them for these helpers.
+(``--preset``, then its command-line overrides); interleaved_steps.py times the methods of the same presets.
+selection_value.py runs the `SELECTION_PRESETS` (a `SelectionPreset` adds seeds, budgets, methods per budget and
+the learning-rate search; `methods_for` gives its methods at one budget) and fills a `Preset` from one
+(`translation_preset`) for these helpers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -138,3 +140,158 @@ PRESETS = {
 def resolve_device(p: Preset) -> torch.device:
     """The preset's device; "auto" is CUDA when present, else the CPU."""
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if p.device == "auto" else p.device)
+
+
+# ---------------------------------------------------------------------------------- selection_value.py's presets
+@dataclass
+class SelectionPreset:
+    """A selection_value.py run: its languages, split sizes, seeds, budgets, methods per budget and LR grids."""
+
+    model: str
+    langs: tuple[str, ...]
+    n_train: int  # training pairs per language
+    n_dev: int  # dev pairs per language (LR choice, default-selection choice)
+    n_test: int  # test pairs per language (NLL)
+    n_bleu: int  # test pairs per language decoded greedily for chrF/BLEU (0 = skip)
+    n_forget: int  # probe pairs per untrained language, and English-only verses
+    n_calib: int  # calibration pairs per language (Taylor scoring), from the training pairs
+    steps: int
+    batch_size: int
+    max_length: int
+    max_chars: int
+    max_new_tokens: int
+    seeds: tuple[int, ...]
+    budgets: tuple[float, ...]  # neuron_ratio of the Taylor selection at layer_ratio 0.4 that fixes each budget
+    methods: dict  # budget (str of neuron_ratio, or "*") -> tuple of methods; "*" applies to every budget
+    grids: dict[str, list[float]]
+    factor: float = 3.0
+    max_extend: int = 2
+    forget_langs: tuple[str, ...] = ("sw", "id")
+    eval_batch_size: int = 32
+    calib_batch_size: int = 4
+    threads: Optional[int] = 2
+    dtype: str = "float32"
+    device: str = "cpu"
+    note: str = ""
+    data_seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+_NS = ("taylor", "taylor-agnostic", "taylor-type-rank", "taylor-per-layer", "taylor-global-rank")
+SELECTION_PRESETS = {
+    "tiny": SelectionPreset(
+        model="tiny",
+        langs=("fr", "de"),
+        n_train=24,
+        n_dev=4,
+        n_test=4,
+        n_bleu=2,
+        n_forget=3,
+        n_calib=4,
+        steps=2,
+        batch_size=4,
+        max_length=48,
+        max_chars=80,
+        max_new_tokens=4,
+        seeds=(0,),
+        budgets=(0.25, 1.0),
+        methods={
+            "0.25": (
+                *_NS,
+                "taylor-global-z",
+                "neumt",
+                "random-layers",
+                "random-all",
+                "magnitude",
+                "lora",
+                "dora",
+                "full",
+            ),
+            "1.0": ("taylor", "random-all", "lora"),
+        },
+        grids={"full": [1e-3], "lora": [3e-3], "neuron": [1e-2]},
+        max_extend=1,
+        eval_batch_size=8,
+        threads=1,
+        note="tiny random Llama + fake data: every code path in seconds; the numbers mean nothing",
+    ),  # fmt: skip
+    "quick": SelectionPreset(
+        model="gemma3-270m",
+        langs=("fr", "de", "hi", "tr"),
+        n_train=200,
+        n_dev=24,
+        n_test=24,
+        n_bleu=8,
+        n_forget=16,
+        n_calib=8,
+        steps=16,
+        batch_size=8,
+        max_length=80,
+        max_chars=80,
+        max_new_tokens=32,
+        seeds=(0,),
+        budgets=(0.05,),
+        methods={"0.05": ("taylor", "random-all", "lora")},
+        grids={"lora": [3e-4, 1e-3, 3e-3], "neuron": [3e-5, 1e-4, 3e-4]},
+        max_extend=1,
+        note="protocol check (< 15 min on a quiet 2-core host): 3 methods at the ~1.8% budget, 1 seed, 16 steps, "
+        "24 dev / 24 test pairs per language; too small to rank methods",
+    ),  # fmt: skip
+    "full": SelectionPreset(
+        model="gemma3-270m",
+        langs=("fr", "de", "hi", "tr"),
+        n_train=300,
+        n_dev=50,
+        n_test=50,
+        n_bleu=10,
+        n_forget=40,
+        n_calib=16,
+        steps=20,
+        batch_size=8,
+        max_length=96,
+        max_chars=100,
+        max_new_tokens=40,
+        seeds=(0, 1, 2),
+        budgets=(0.05, 0.25, 1.0),
+        methods={
+            "0.05": (
+                "taylor",
+                "taylor-agnostic",
+                "taylor-per-layer",
+                "taylor-global-rank",
+                "random-layers",
+                "random-all",
+                "magnitude",
+                "lora",
+                "dora",
+                "full",
+            ),
+            "0.25": ("taylor", "random-all", "lora"),
+            "1.0": ("taylor", "random-all"),
+        },
+        # start grids centred on the quick preset's picks (rows 3e-4..9e-4, LoRA 1e-3), so most picks are interior
+        # without an extension; the edge rule still extends where they are not
+        grids={"full": [1e-5, 3e-5, 1e-4], "lora": [3e-4, 1e-3, 3e-3], "neuron": [1e-4, 3e-4, 1e-3]},
+        note="3 seeds; budgets ~1.8% and ~10% of linear weights plus the paper setting (40% of layers, all rows); "
+        "20 steps x 8 mixed-language pairs (verses <= 100 chars, so the dev books give >= 50 pairs per language); "
+        "50 dev / 50 test pairs per language (NLL), 10 per language decoded; 75 training runs (~2.5 h on a quiet "
+        "2-core host, estimated from ~3.6 s per step and ~30 s per dev pass; not measured end to end)",
+    ),  # fmt: skip
+}
+
+
+def methods_for(p: SelectionPreset, nr: float) -> list[str]:
+    """The methods a selection_value.py preset runs at budget ``nr``, in training order."""
+    key = next((k for k in p.methods if k != "*" and float(k) == nr), "*")
+    ms = list(p.methods.get(key, p.methods.get("*", ())))
+    # NeuMT needs the full fine-tune as its reference: train full first
+    return sorted(ms, key=lambda m: (m != "full", m == "neumt"))
+
+
+def translation_preset(p: SelectionPreset, seed: int) -> Preset:
+    """The translation-run configuration of a selection_value.py run, read by the shared helpers."""
+    return Preset(model=p.model, langs=p.langs, n_train=p.n_train, n_dev=p.n_dev, n_test=p.n_test,
+                  n_forget=p.n_forget, n_calib=p.n_calib, steps=p.steps, batch_size=p.batch_size,
+                  max_length=p.max_length, max_new_tokens=p.max_new_tokens, methods=(), grids={},
+                  max_chars=p.max_chars, forget_langs=p.forget_langs, eval_batch_size=p.eval_batch_size,
+                  seed=seed, threads=p.threads, dtype=p.dtype, device=p.device)  # fmt: skip

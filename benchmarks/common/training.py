@@ -4,13 +4,15 @@ Same batches in the same order for every method (a seeded shuffle of the same en
 groups only for routed methods), the same number of optimizer steps, the loss on answer tokens only
 (`neuron_peft.training.answer_loss`) and AdamW with a cosine schedule (`neuron_peft.training.train_loop`). What a
 method may differ in is its trainable parameters and its learning rate. `train_one` also times the run and
-measures its peak memory (`machine.PeakMemory`).
+measures its peak memory (`machine.PeakMemory`). `pick_lr` is selection_value.py's learning-rate search: a start
+grid, extended while the best value sits at its edge.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -45,3 +47,21 @@ def train_one(model, routed: bool, tok, features, p: Preset, lr: float, device) 
     model.eval()
     return {"seconds": seconds, "losses": losses, "peak_mib": mem.peak_mib, "before_mib": mem.before_mib,
             "memory_how": mem.how}  # fmt: skip
+
+
+def pick_lr(start: list[float], dev_of: Callable[[float], float], factor: float, max_extend: int):
+    """(best lr, every lr tried, {lr: dev NLL}, still at an edge): lowest dev NLL over `start`; while the best is
+    the lowest or highest value tried (and >= 3 were tried), try the next value beyond it (/ or x `factor`), at most
+    `max_extend` times. Non-finite dev NLL (a diverged run) never wins; ties go to the smaller lr."""
+    grid = sorted(set(start))
+    devs = {lr: dev_of(lr) for lr in grid}
+    for _ in range(max_extend + 1):
+        best = min(grid, key=lambda x: (devs[x] if math.isfinite(devs[x]) else math.inf, x))
+        if len(grid) < 3 or best not in (grid[0], grid[-1]) or _ == max_extend:
+            break
+        nxt = best / factor if best == grid[0] else best * factor
+        devs[nxt] = dev_of(nxt)
+        grid = sorted([*grid, nxt])
+    best = min(grid, key=lambda x: (devs[x] if math.isfinite(devs[x]) else math.inf, x))
+    edge = len(grid) >= 3 and best in (grid[0], grid[-1])
+    return best, grid, devs, edge

@@ -4,6 +4,7 @@ resume."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -82,12 +83,13 @@ def test_lr_search_extends_until_interior():
 
 def test_statistics_against_hand_values():
     sv = load_benchmark("selection_value")
+    stats = importlib.import_module("common.stats")  # the report's statistics (benchmarks/ is on sys.path now)
     per = [[2.0, 1.0], [4.0, 3.0], [9.0, 3.0]]  # [summed NLL, tokens]
     groups = ["a", "a", "b"]
     assert sv.macro_nll(per, groups) == pytest.approx(((2 + 4) / 4 + 9 / 3) / 2)
-    mean, half = sv.seed_interval([1.0, 2.0, 3.0])
+    mean, half = stats.seed_interval([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
-    d = sv.paired_bootstrap(per, [[s - 0.5 * c, c] for s, c in per], groups, n_samples=200)
+    d = stats.paired_bootstrap(per, [[s - 0.5 * c, c] for s, c in per], groups, n_samples=200)
     assert d["delta"] == pytest.approx(0.5) and d["ci"] == pytest.approx([0.5, 0.5])  # constant shift: no spread
     assert sv.lora_rank(2560 * 3 + 1000, {"x": (2000, 560)}) == 3
 

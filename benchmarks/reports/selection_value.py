@@ -1,0 +1,145 @@
+"""selection_value.py's report: the summary of every budget and method, selection_value.md, summary.json and the plot.
+
+`write_report` reads only the ``results.json`` dict the runner stores (every run, every pick, the budgets), so the
+runner calls it at the end of a run and ``--report`` calls it on a saved (also a partial) file. `summarise` turns
+the stored runs into one row per budget and method: intervals over seeds (t) of the test and dev NLL, forgetting
+and chrF/BLEU, the per-language NLL, and paired bootstrap differences over test sentences against taylor,
+random-all, random-layers and LoRA. The markdown table lists those rows per budget, best test NLL first; the plot
+draws test NLL against the trained share of linear weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from common.matched import LAYER_RATIO
+from common.report import fmt_pm, pyplot, save_figure
+from common.stats import macro_nll, paired_bootstrap, per_lang_nll, seed_interval, seed_mean_per_sentence
+
+
+def summarise(results: dict) -> dict:
+    """Per budget and method: seed-level NLLs, intervals, paired differences, forgetting, chrF/BLEU."""
+    groups = results["groups"]
+    z = results["runs"]["zero-shot"]
+    out = {"zero": {"test": macro_nll(z["test"], groups["test"]), "dev": macro_nll(z["dev"], groups["dev"]),
+                    "forget": macro_nll(z["forget_test"], groups["forget_test"]),
+                    "english": macro_nll(z["english"], groups["english"]), "decode": z.get("decode", {})},
+           "budgets": {}}  # fmt: skip
+    for nr, binfo in results["budgets"].items():
+        rows = {}
+        for pkey, pick in results["picked"].items():
+            b, method = pkey.split("|")
+            if b not in (nr, "-"):
+                continue
+            # every seed tested at the picked LR (also those of earlier, resumed invocations)
+            runs = [r for r in results["runs"].values() if r.get("method") == method and "test" in r
+                    and r["lr"] == pick["lr"] and (method == "full" or float(r["budget"]) == float(nr))]  # fmt: skip
+            runs.sort(key=lambda r: r["seed"])
+            if not runs:
+                continue
+            test = [macro_nll(r["test"], groups["test"]) for r in runs]
+            dev = [r["dev_nll"] for r in runs]
+            forget = [macro_nll(r["forget_test"], groups["forget_test"]) - out["zero"]["forget"] for r in runs]
+            english = [macro_nll(r["english"], groups["english"]) - out["zero"]["english"] for r in runs]
+            chrf = [r["decode"]["chrf"] for r in runs if r.get("decode")]
+            bleu = [r["decode"]["bleu"] for r in runs if r.get("decode")]
+            rows[method] = {
+                "lr": pick["lr"], "at_edge": pick["at_edge"], "grid": pick["grid"], "seeds": len(runs),
+                "trainable": runs[0]["trainable"], "test": seed_interval(test), "dev": seed_interval(dev),
+                "forget": seed_interval(forget), "english": seed_interval(english),
+                "chrf": seed_interval(chrf) if chrf else None, "bleu": seed_interval(bleu) if bleu else None,
+                "per_lang": per_lang_nll(seed_mean_per_sentence([r["test"] for r in runs]), groups["test"]),
+                "_test_sent": seed_mean_per_sentence([r["test"] for r in runs]),
+                "_forget_sent": seed_mean_per_sentence([r["forget_test"] for r in runs]),
+                "train_seconds": sum(r["train_seconds"] for r in runs) / len(runs),
+            }  # fmt: skip
+        for m, r in rows.items():
+            r["paired"] = {}
+            for b in ("taylor", "random-all", "random-layers", "lora"):
+                if b in rows and b != m:
+                    r["paired"][b] = paired_bootstrap(r["_test_sent"], rows[b]["_test_sent"], groups["test"])
+            r["paired_forget_zero"] = paired_bootstrap(r["_forget_sent"], z["forget_test"], groups["forget_test"])
+        out["budgets"][nr] = {"info": binfo, "rows": rows}
+    return out
+
+
+def write_report(results: dict, out_dir: Path, log) -> str:
+    from neuron_peft.fileio import atomic_write_text
+
+    s = summarise(results)
+    cfg, info = results["config"], results["machine"]
+    zero = s["zero"]
+    argv = [str(a) for a in results["argv"]]
+    lines = [
+        f"### Selection value (`benchmarks/selection_value.py`, preset `{results['preset']}`)", "",
+        f"{cfg['note']}.", "",
+        f"Command: `python benchmarks/selection_value.py {' '.join(a for a in argv if not a.endswith('.py'))}`", "",
+        f"Machine: {info['cpu']}, nproc {info['nproc']}, {info['torch_threads']} torch threads; torch {info['torch']}, "
+        f"transformers {info.get('transformers')}, peft {info.get('peft')}; {info['date']}; load average at start "
+        f"{info['loadavg']}. Wall-clock {results.get('elapsed_total', float('nan')) / 60:.1f} min in all"
+        f"{'' if results.get('finished') else ' (PARTIAL: still running or interrupted)'}.", "",
+        f"Data: en → {', '.join(cfg['langs'])}; {cfg['steps']} steps × {cfg['batch_size']}; dev {cfg['n_dev']}/test "
+        f"{cfg['n_test']} pairs per language; seeds {cfg['seeds']}. NLL = teacher-forced negative log-likelihood per "
+        "target token, averaged over languages. ± = 95% interval over seeds (t). Paired Δ = difference of seed-"
+        "averaged per-sentence NLL, 95% bootstrap interval over test sentences (stratified by language); negative = "
+        "better. Forgetting = NLL change vs zero-shot on en→sw/id (untrained) and on English-only verses "
+        "(positive = forgot).", "",
+        f"Zero-shot: test NLL {zero['test']:.3f}, dev {zero['dev']:.3f}, sw/id {zero['forget']:.3f}, English "
+        f"{zero['english']:.3f}" + (f", chrF {zero['decode']['chrf']:.2f}" if zero["decode"] else "") + ".",
+    ]  # fmt: skip
+    for nr, b in s["budgets"].items():
+        info_b = b["info"]
+        lines += ["", f"**Budget {100 * info_b['share']:.2f}% of linear weights** ({info_b['budget_weights']:,} "
+                  f"weights; Taylor layer_ratio {LAYER_RATIO}, neuron_ratio {nr}; LoRA/DoRA r {info_b['lora_rank']})", "",
+                  "| method | LR (grid) | trainable | dev NLL | **test NLL** | Δ vs taylor [95%] | Δ vs random-all [95%] | Δ vs "
+                  "LoRA [95%] | chrF | BLEU | forget sw/id Δ | English Δ |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for m, r in sorted(b["rows"].items(), key=lambda kv: kv[1]["test"][0]):
+
+            def d(base, r=r):
+                x = r["paired"].get(base)
+                return f"{x['delta']:+.3f} [{x['ci'][0]:+.3f}, {x['ci'][1]:+.3f}]" if x else "-"
+
+            grid = "/".join(f"{g:g}" for g in r["grid"])
+            lines.append(f"| {m} ({r['seeds']} seed{'s' if r['seeds'] > 1 else ''}) | {r['lr']:g} ({grid}){' EDGE' if r['at_edge'] else ''} | {r['trainable']:,} | "
+                         f"{fmt_pm(r['dev'])} | **{fmt_pm(r['test'])}** | {d('taylor')} | {d('random-all')} | {d('lora')} | "
+                         f"{fmt_pm(r['chrf'], 2)} | {fmt_pm(r['bleu'], 2)} | {fmt_pm(r['forget'])} | {fmt_pm(r['english'])} |")  # fmt: skip
+        types = {m: v["types"] for m, v in info_b["selections"].items()}
+        lines += ["", "Rows by module type: " + "; ".join(f"{m} {t}" for m, t in types.items())]
+    md = "\n".join(lines) + "\n"
+    atomic_write_text(out_dir / "selection_value.md", md)
+    slim = {k: {m: {kk: vv for kk, vv in r.items() if not kk.startswith("_")} for m, r in v["rows"].items()}
+            for k, v in s["budgets"].items()}  # fmt: skip
+    atomic_write_text(out_dir / "summary.json", json.dumps({"zero": zero, "budgets": slim}, indent=1, default=str))
+    try:
+        plot(s, out_dir / "selection_value_nll.png", results)
+    except ImportError as err:
+        log(f"(plot skipped: {err})")
+    return md
+
+
+def plot(s: dict, path: Path, results: dict) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    methods = sorted({m for b in s["budgets"].values() for m in b["rows"]})
+    for i, m in enumerate(methods):
+        xs, ys, es = [], [], []
+        for b in s["budgets"].values():
+            if m in b["rows"]:
+                r = b["rows"][m]
+                xs.append(100 * (b["info"]["share"] if m != "full" else 1.0))
+                ys.append(r["test"][0])
+                es.append(r["test"][1] if math.isfinite(r["test"][1]) else 0.0)
+        if m == "full":
+            xs, ys, es = xs[:1], ys[:1], es[:1]
+        ax.errorbar(xs, ys, yerr=es, marker="os^vD<>px*h"[i % 11], capsize=3, label=m, linestyle="-" if len(xs) > 1
+                    else "none", alpha=0.85)  # fmt: skip
+    ax.axhline(s["zero"]["test"], color="gray", lw=0.8, ls="--", label="zero-shot")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable weights, % of linear weights (full FT: all parameters, drawn at 100)")
+    ax.set_ylabel("test NLL per target token (95% CI over seeds)")
+    ax.set_title(f"selection value, preset {results['preset']}", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    save_figure(fig, path)
