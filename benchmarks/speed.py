@@ -20,9 +20,8 @@ Inference overhead: forward-only (``torch.no_grad``, eval mode) time of the base
 unmerged and vs NeuronSelect 10% after ``merge_adapter()``, also interleaved.
 
 Where things are: timing a step, the peak-memory pass and the machine record are in ``common/timing.py`` and
-``common/machine.py`` (shared with speed_vlm.py); this file holds the presets, the methods, the timing loops and
-the report. It is longer than the ~400 lines the other files keep to because all of these are this benchmark's
-alone (speed_vlm.py builds other models and methods and reports fewer columns).
+``common/machine.py`` (shared with speed_vlm.py); the tables and targets in ``reports/speed.py``; this file holds the
+presets, the methods and the timing loops.
 
 Usage::
 
@@ -46,10 +45,11 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for the shared set-up in common/
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for common/ and reports/
 from common.machine import MiB, speed_machine_info  # noqa: E402
 from common.timing import peak_bytes, release, resolve_preset, sync, timed  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
+from reports.speed import log_report, targets  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from neuron_peft import NeuronSelectConfig  # noqa: E402
@@ -272,74 +272,6 @@ def measure_inference(preset: Preset, ids: torch.Tensor, rounds: int, steps: int
     return times
 
 
-# ---------------------------------------------------------------------------------------------- report
-
-
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return a / b if a is not None and b else None
-
-
-def _fmt(x: Optional[float], spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def build_table(results: dict) -> str:
-    rows = results["methods"]
-    lora, floor, full = (rows.get(k, {}) for k in ("lora", "floor", "full"))
-    key = results.get("ratio_key", "ms_median")
-    header = ["method", "trainable", "ms/step", "x LoRA", "x floor", "min ms", "cpu-ms", "peak MiB", "mem x LoRA",
-              "x full (t/mem)"]  # fmt: skip
-    lines = [header]
-    for name, r in rows.items():
-        t, mem = r.get(key), r["peak_mib"]
-        vs_full = "-"
-        if name == "neuron-100" and full:
-            vs_full = f"{_fmt(_ratio(t, full.get(key)), '.2f')} / {_fmt(_ratio(mem, full.get('peak_mib')), '.2f')}"
-        lines.append([
-            name, f"{r['trainable']:,}", _fmt(r["ms_median"], ".1f"), _fmt(_ratio(t, lora.get(key)), ".2f"),
-            _fmt(_ratio(t, floor.get(key)), ".2f"), _fmt(r.get("ms_min"), ".1f"),
-            _fmt(r.get("cpu_ms_median"), ".1f"), _fmt(mem, ".1f"),
-            _fmt(_ratio(mem, lora.get("peak_mib")), ".2f"), vs_full,
-        ])  # fmt: skip
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    out = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |" for line in lines]
-    out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(out)
-
-
-def inference_table(inf: dict) -> str:
-    lines = ["| model | ms/forward (median) | min ms | vs base (median) | vs base (min) |", "|---|---|---|---|---|"]
-    for k, v in inf.items():
-        lines.append(f"| {k} | {v['ms_median']:.1f} | {v['ms_min']:.1f} | {_fmt(v.get('overhead'), '+.1%')} | "
-                     f"{_fmt(v.get('overhead_min'), '+.1%')} |")  # fmt: skip
-    return "\n".join(lines)
-
-
-def check_targets(results: dict) -> list[tuple[str, Optional[float], float, Optional[bool]]]:
-    """(target, measured, threshold, met) for the issue's targets; measured None when a method was skipped."""
-    m = results["methods"]
-    key = results.get("ratio_key", "ms_median")
-
-    def r(a, b, key):
-        return _ratio(m.get(a, {}).get(key), m.get(b, {}).get(key))
-
-    inf = results.get("inference", {})
-    checks = [
-        ("neuron-10 step time / LoRA", r("neuron-10", "lora", key), 0.90),
-        ("neuron-10 peak memory / LoRA", r("neuron-10", "lora", "peak_mib"), 0.80),
-        ("neuron-100 step time / full FT", r("neuron-100", "full", key), 1.05),
-        ("neuron-100 peak memory / full FT", r("neuron-100", "full", "peak_mib"), 1.30),
-        ("routed (4 groups, mixed batches) / unrouted step time", r("neuron-10-routed", "neuron-10", key), 1.05),
-        ("unmerged inference overhead (neuron-10)", inf.get("neuron-10 unmerged", {}).get("overhead"), 0.05),
-        (
-            "merged inference overhead (target 0; <=2% = timing noise)",
-            inf.get("neuron-10 merged", {}).get("overhead"),
-            0.02,
-        ),
-    ]
-    return [(name, val, thr, None if val is None else val <= thr) for name, val, thr in checks]
-
-
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -454,23 +386,8 @@ def main(argv=None, log=print) -> Optional[dict]:
             for k, v in times.items()
         }  # fmt: skip
 
-    results["targets"] = [
-        {"target": n, "measured": v, "threshold": t, "met": ok} for n, v, t, ok in check_targets(results)
-    ]
-    log("")
-    log(f"Training step (forward+backward+AdamW+zero_grad) over {rounds * steps} interleaved steps per method: "
-        f"ms/step = median wall time, min ms = fastest step, cpu-ms = median process CPU time; ratios use {args.clock} "
-        "time; "
-        f"peak memory: {mem_method}")  # fmt: skip
-    log(build_table(results))
-    if "inference" in results:
-        log("")
-        log(inference_table(results["inference"]))
-    log("")
-    for t in results["targets"]:
-        status = "n/a" if t["met"] is None else ("MET" if t["met"] else "NOT MET")
-        clock = "" if "memory" in t["target"] else f" [{args.clock} time]"
-        log(f"  {t['target']}{clock}: {_fmt(t['measured'], '.3f')} (target <= {t['threshold']}) {status}")
+    results["targets"] = targets(results)
+    log_report(results, log)
     if args.json:
         atomic_write_json(args.json, results, indent=2, default=str)
         log(f"wrote {args.json}")
