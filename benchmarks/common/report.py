@@ -1,9 +1,9 @@
 """Small pieces of the markdown reports and plots: number formatting, and figures written safely.
 
-What a report says is its runner's business (quality.py, selection_value.py); these are the formatting rules they
+What a report says is its runner's business (``reports/<runner>.py``); these are the formatting rules the reports
 share, so that a missing value, an interval or a figure looks the same in every report. Figures are drawn with
 matplotlib's Agg backend (no display needed) and written atomically, so an interrupted run never leaves half a PNG;
-without matplotlib `pyplot` raises ImportError, which the runners turn into a "plot skipped" line.
+without matplotlib `pyplot` raises ImportError, which the reports turn into a "plot skipped" line.
 """
 
 from __future__ import annotations
