@@ -252,7 +252,7 @@ def run_push(args):
 VERSUS_LORA = (
     "Against LoRA (benchmarks/RESULTS.md, selection_value.py, Gemma 3 270M, en→fr/de/hi/tr, 3 seeds): at the same "
     "number of trainable weights LoRA reaches a lower test NLL (by 0.12 nats/token at 1.8% of the linear weights, "
-    "0.04 at 9%); Taylor-chosen rows beat random rows (by 0.02-0.05); a step is about 0.9x LoRA's time on CPU "
+    "0.04 at 9%); Taylor selection beats random rows spread over all layers (by 0.02-0.05) but not random rows in its own layers; a step is about 0.9x LoRA's time on CPU "
     "(speed.py, 10% of rows against LoRA r 16)."
 )
 
