@@ -2,10 +2,11 @@
 
 PEFT writes the card (``library_name: peft``, base model, tags, framework versions) at the start of
 ``PeftModel.save_pretrained``, then saves each adapter's tensors and config. The tuner takes the adapter's summary when
-PEFT asks it for the tensors to save (``NeuronSelectModel._get_adapter_state_dict``) and `NeuronSelectConfig.
-save_pretrained`, which PEFT calls last, adds it to that card: PEFT's own save path, no patched PEFT function.
-`update_model_card` adds one block between two HTML-comment markers, so saving again replaces the block and leaves the rest of the card, including
-the author's edits, alone; the first save puts it right under the title. The block opens with the usage section (``pip install neuron-peft`` and a load snippet
+PEFT asks it for the tensors to save (``NeuronSelectModel._get_adapter_state_dict``) and
+`NeuronSelectConfig.save_pretrained`, which PEFT calls last, adds it to that card: PEFT's own save path, no patched
+PEFT function. `update_model_card` adds one block between two HTML-comment markers, so saving again replaces the
+block and leaves the rest of the card, including the author's edits, alone; the first save puts it right under the
+title. The block opens with the usage section (``pip install neuron-peft`` and a load snippet
 that imports ``neuron_peft``: without that import PEFT cannot load the adapter, see `neuron_peft.tuner.peft_type`),
 then states the base model, target modules, selected rows per module type, language groups, trainable parameters
 (PEFT's ``get_nb_trainable_parameters``, the numbers ``print_trainable_parameters()`` prints) and the settings.
@@ -179,10 +180,10 @@ _PENDING = "_neuron_select_pending_card"
 def take_summary(model, config, adapter_name: str) -> None:
     """Called while PEFT collects `adapter_name`'s tensors: if `model` is a PeftModel whose active adapter this is
     (PEFT's card describes the active adapter), keep its summary on `config` for `write_pending_card`."""
-    summary = getattr(model, "base_model", None)
-    if getattr(model, "active_adapter", None) != adapter_name or not hasattr(summary, "selection_summary"):
+    tuner = getattr(model, "base_model", None)
+    if getattr(model, "active_adapter", None) != adapter_name or not hasattr(tuner, "selection_summary"):
         return
-    config.__dict__[_PENDING] = model.base_model.selection_summary(adapter_name)
+    config.__dict__[_PENDING] = tuner.selection_summary(adapter_name)
 
 
 def write_pending_card(config, output_dir: str) -> None:
