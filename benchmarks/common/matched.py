@@ -30,6 +30,7 @@ METHODS = {
     "taylor-per-layer": ("neuron", "Taylor's top rows in every targeted layer, same share of each, routed"),
     "taylor-global-rank": ("neuron", "global top rows by Taylor score rank-normalised within module type, routed"),
     "taylor-global-z": ("neuron", "global top rows by Taylor score z-scored within module type, routed"),
+    "taylor-raw-groups": ("neuron", "as taylor, but languages' scores not normalised before mean and variance split"),
     "neumt": ("neuron", "NeuMT: layers by activation change vs this run's full fine-tune, Taylor rows, routed"),
     "random-layers": ("neuron", "random rows in taylor's layers, same count per layer, unrouted"),
     "random-all": ("neuron", "random rows, the same share of every targeted layer, unrouted"),
@@ -87,6 +88,8 @@ def budget_selections(base_sel, nr: float, sizes: dict, reference_sel=None) -> d
             taylor, row_selection="global", weight_ratio=share, score_normalization="module_type_z"
         ),  # fmt: skip
     }
+    # per-language normalisation before the importance mean and the variance split, or raw scores (issue 14 §2)
+    out["taylor-raw-groups"] = layers_matched(base_sel, score_normalization="none", group_normalization="none")
     if reference_sel is not None:
         out["neumt"] = layers_matched(reference_sel, score_normalization="none")
     return {"budget": budget, "share": share, "selections": out}

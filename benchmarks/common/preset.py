@@ -199,6 +199,7 @@ SELECTION_PRESETS = {
             "0.25": (
                 *_NS,
                 "taylor-global-z",
+                "taylor-raw-groups",
                 "neumt",
                 "random-layers",
                 "random-all",

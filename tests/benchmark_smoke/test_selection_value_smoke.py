@@ -50,7 +50,8 @@ def test_methods_are_matched_to_the_taylor_budget(sv, run):
         got = {k.split("|")[1]: r["trainable"] for k, r in results["runs"].items()
                if k.startswith(nr + "|") and "test" in r}  # fmt: skip
         assert got["taylor"] == budget  # the tiny Llama has no biases: trainable = selected rows x inputs
-        for m in ("taylor-agnostic", "taylor-per-layer", "taylor-global-rank", "random-layers", "random-all"):
+        for m in ("taylor-agnostic", "taylor-per-layer", "taylor-global-rank", "taylor-raw-groups", "random-layers",
+                  "random-all"):  # fmt: skip
             if m in got:  # per-layer rounding and whole rows: within 5% of the budget
                 assert abs(got[m] - budget) <= 0.05 * budget, (nr, m, got[m], budget)
         # LoRA: r * sum(in + out) over the 14 linear layers of the tiny Llama: per block q 32+32, k 32+16, v 32+16,
