@@ -15,6 +15,7 @@ then states the base model, target modules, selected rows per module type, langu
 from __future__ import annotations
 
 import os
+import time
 from typing import Optional
 
 BEGIN = "<!-- neuron_peft:begin (written by neuron_peft on every save; edits between these markers are replaced) -->"
@@ -175,6 +176,10 @@ def update_model_card(card_dir: str, summary: dict, config, adapter_id: Optional
 # (model at hand, card already written) and the config's `save_pretrained` (folder known, tensors written). Plain data
 # on the config instance, never a dataclass field (so never in adapter_config.json), consumed by the save it belongs to.
 _PENDING = "_neuron_select_pending_card"
+# PEFT's weight files; a card is only written beside one saved after the summary was taken (file-time slack: coarse
+# filesystem clocks)
+_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+_MTIME_SLACK_S = 2.0
 
 
 def take_summary(model, config, adapter_name: str) -> None:
@@ -183,15 +188,21 @@ def take_summary(model, config, adapter_name: str) -> None:
     tuner = getattr(model, "base_model", None)
     if getattr(model, "active_adapter", None) != adapter_name or not hasattr(tuner, "selection_summary"):
         return
-    config.__dict__[_PENDING] = tuner.selection_summary(adapter_name)
+    config.__dict__[_PENDING] = (tuner.selection_summary(adapter_name), time.time())
 
 
 def write_pending_card(config, output_dir: str) -> None:
     """Called by `NeuronSelectConfig.save_pretrained`: add the kept summary to the card PEFT wrote for this save
-    (``output_dir`` for the default adapter, its parent for a named one). Nothing kept, or no card there (a config
-    saved on its own): nothing written."""
-    summary = config.__dict__.pop(_PENDING, None)
-    if summary is None:
+    (``output_dir`` for the default adapter, its parent for a named one). Nothing kept, no card there, or no
+    adapter weights in ``output_dir`` written since the summary was taken (a config saved on its own, e.g. after a
+    plain ``get_peft_model_state_dict`` call, into a folder holding an older save): nothing written, so a summary
+    is never spliced into a card it does not belong to."""
+    pending = config.__dict__.pop(_PENDING, None)
+    if pending is None:
+        return
+    summary, taken = pending
+    weights = [os.path.join(output_dir, f) for f in _WEIGHT_FILES if os.path.isfile(os.path.join(output_dir, f))]
+    if not any(os.path.getmtime(w) >= taken - _MTIME_SLACK_S for w in weights):
         return
     card_dir = output_dir if summary["adapter"] == "default" else os.path.dirname(os.path.normpath(output_dir))
     if os.path.isfile(os.path.join(card_dir, "README.md")):

@@ -394,3 +394,25 @@ def test_declared_groups_keyword_follows_copies_and_goes_with_unload():
     merged = model.merge_and_unload()
     assert "forward" not in merged.__dict__
     assert "neuron_groups" not in inspect.signature(merged.forward).parameters
+
+
+def test_card_summary_is_not_spliced_into_an_unrelated_readme(tmp_path):
+    """A summary kept by a plain `get_peft_model_state_dict` call must not land in a README.md that a later,
+    hand-made config save finds: that folder's adapter weights are older than the summary, so the card is left as
+    it was (byte for byte). A real save afterwards still writes the card."""
+    from peft import get_peft_model_state_dict
+
+    base, model, out = saved_adapter(tmp_path)
+    old = tmp_path / "older_save"
+    old.mkdir()
+    save_file({"x": torch.zeros(1)}, str(old / "adapter_model.safetensors"))
+    mtime = os.path.getmtime(old / "adapter_model.safetensors") - 60
+    os.utime(old / "adapter_model.safetensors", (mtime, mtime))  # saved a minute before the summary below
+    (old / "README.md").write_text("# my own notes\n\n## Results\nkeep me\n")
+    get_peft_model_state_dict(model)  # PEFT asks the tuner for the tensors: the summary is kept
+    model.peft_config["default"].save_pretrained(str(old))
+    assert (old / "README.md").read_text() == "# my own notes\n\n## Results\nkeep me\n"
+    assert json.loads((old / "adapter_config.json").read_text())["peft_type"] == "NEURON_SELECT"
+    again = tmp_path / "again"
+    model.save_pretrained(again)
+    assert "## NeuronSelect adapter" in (again / "README.md").read_text()
