@@ -364,16 +364,38 @@ def budget(s: Session, base_sel, nr: float, sizes: dict) -> tuple[dict, dict]:
 
 
 def add_neumt(s: Session, base_sel, calib, nr: float, sizes: dict, bsel: dict, binfo: dict) -> bool:
-    """Add NeuMT's selection to the budget (layers by activation change against this invocation's full fine-tune);
-    False when there is no such reference (full not trained, or resumed, in this invocation)."""
+    """Add NeuMT's selection to the budget (layers by activation change against a full fine-tune of the first seed);
+    False when there is no such reference. A resumed 'full' is retrained once at its picked learning rate, since
+    its model was not kept: runs are seeded, so the retrained model matches the stored one (its dev NLL is checked)."""
     if s.full_ref is None:
-        s.log("  [neumt] skipped: needs 'full' trained (not resumed) earlier in this run as its reference")
+        s.full_ref = _retrain_full_reference(s, nr, bsel, sizes)
+    if s.full_ref is None:
+        s.log("  [neumt] skipped: needs 'full' trained (or picked in a resumed run) as its reference")
         return False
     ref_sel = select_neurons(s.base, calib, layer_ratio=LAYER_RATIO, neuron_ratio=nr, specific_ratio=SPECIFIC_RATIO,
                              layer_scoring="activation_similarity", reference_model=s.full_ref, progress=False)  # fmt: skip
     bsel["selections"]["neumt"] = budget_selections(base_sel, nr, sizes, ref_sel)["selections"]["neumt"]
     binfo["selections"]["neumt"] = selection_record(bsel["selections"]["neumt"])
     return True
+
+
+def _retrain_full_reference(s: Session, nr: float, bsel: dict, sizes: dict):
+    """The first seed's full fine-tune at the learning rate a resumed run picked, or None when 'full' has no pick.
+    Not stored as a run (it is one already); refused when its dev NLL differs from the stored run's."""
+    pick = s.results["picked"].get("-|full")
+    if not pick or not math.isfinite(pick.get("lr", float("nan"))):
+        return None
+    seed, lr = s.p.seeds[0], pick["lr"]
+    stored = s.results["runs"].get(run_key(nr, "full", seed, lr), {}).get("dev_nll")
+    s.log(f"  [neumt] retraining the resumed full fine-tune (seed {seed}, lr {lr:g}) as the reference")
+    model, routed = build("full", s.base, bsel, sizes, seed)
+    train_one(model, routed, s.tok, s.feats["train"], translation_preset(s.p, seed), lr, s.device)
+    dev = macro_nll(s.evaluate(model, ("dev",))["dev"], s.evalsets["dev"].groups)
+    if stored is not None and abs(dev - stored) > 1e-3:
+        raise SystemExit(f"[neumt] the retrained full fine-tune has dev NLL {dev:.4f}, the stored run "
+                         f"{stored:.4f}: not the same model, so it cannot stand in as the reference")  # fmt: skip
+    s.log(f"    dev NLL {dev:.4f} (stored {stored if stored is None else f'{stored:.4f}'})")
+    return model.eval()
 
 
 # ------------------------------------------------------------------------------------ learning rate, seeds, resume

@@ -130,3 +130,25 @@ def test_other_languages_have_the_full_presets_split_sizes(sv):
     dry = sv.main(["--langs", "es,ru,vi,zh", "--dry-run"], log=lambda s: None)
     for split in ("dev", "test"):
         assert dry["counts"][split] == {f"en-{x}": 50 for x in ("es", "ru", "vi", "zh")}, split
+
+
+def test_neumt_resumed_without_full_retrains_its_reference(sv, tmp_path):
+    """NeuMT needs the full fine-tune's model; when 'full' comes from a resumed run only its numbers exist, so the
+    reference is retrained at the picked learning rate and checked against the stored dev NLL (not skipped)."""
+    out = tmp_path / "out"
+    sv.main(["--preset", "tiny", "--out", str(out), "--budgets", "0.25", "--methods", "full"], log=lambda s: None)
+    lines: list[str] = []
+    again = sv.main(["--preset", "tiny", "--out", str(out), "--resume", "--budgets", "0.25", "--methods",
+                     "full,neumt"], log=lines.append)  # fmt: skip
+    log = "\n".join(lines)
+    assert "retraining the resumed full fine-tune" in log and "skipped" not in log
+    assert any(r.get("method") == "neumt" and "test" in r for r in again["runs"].values())
+    assert "neumt" in again["budgets"]["0.25"]["selections"]
+    # a stored run the retrained reference does not reproduce is refused, never used silently
+    res = json.loads((out / "results.json").read_text())
+    lr = res["picked"]["-|full"]["lr"]
+    res["runs"][sv.run_key(0.25, "full", 0, lr)]["dev_nll"] += 1.0
+    (out / "results.json").write_text(json.dumps(res))
+    with pytest.raises(SystemExit, match="not the same model"):
+        sv.main(["--preset", "tiny", "--out", str(out), "--resume", "--budgets", "0.25", "--methods",
+                 "neumt"], log=lambda s: None)  # fmt: skip
