@@ -57,11 +57,31 @@ def summarise(results: dict) -> dict:
             }  # fmt: skip
         for m, r in rows.items():
             r["paired"] = {}
-            for b in ("taylor", "random-all", "random-layers", "lora"):
+            for b in ("taylor", "random-all", "random-layers", "magnitude", "lora"):
                 if b in rows and b != m:
                     r["paired"][b] = paired_bootstrap(r["_test_sent"], rows[b]["_test_sent"], groups["test"])
             r["paired_forget_zero"] = paired_bootstrap(r["_forget_sent"], z["forget_test"], groups["forget_test"])
         out["budgets"][nr] = {"info": binfo, "rows": rows}
+    return out
+
+
+# pairs of methods that train the same number of rows in the same layers and differ only in which rows
+ROW_CRITERION_PAIRS = (
+    ("taylor", "random-layers", "Taylor's layers"),
+    ("taylor-per-layer", "random-all", "same share of every layer"),
+    ("taylor-per-layer", "magnitude", "same share of every layer"),
+    ("magnitude", "random-all", "same share of every layer"),
+)
+
+
+def row_criterion_pairs(rows: dict) -> list[str]:
+    """The paired test-NLL differences between methods whose selections share their layers and rows per layer, so
+    the difference is the row criterion alone (Taylor, weight norm or chance), not the layer choice."""
+    out = []
+    for a, b, where in ROW_CRITERION_PAIRS:
+        x = rows.get(a, {}).get("paired", {}).get(b)
+        if x:
+            out.append(f"{a} − {b} ({where}) {x['delta']:+.3f} [{x['ci'][0]:+.3f}, {x['ci'][1]:+.3f}]")
     return out
 
 
@@ -105,6 +125,10 @@ def write_report(results: dict, out_dir: Path, log) -> str:
             lines.append(f"| {m} ({r['seeds']} seed{'s' if r['seeds'] > 1 else ''}) | {r['lr']:g} ({grid}){' EDGE' if r['at_edge'] else ''} | {r['trainable']:,} | "
                          f"{fmt_pm(r['dev'])} | **{fmt_pm(r['test'])}** | {d('taylor')} | {d('random-all')} | {d('lora')} | "
                          f"{fmt_pm(r['chrf'], 2)} | {fmt_pm(r['bleu'], 2)} | {fmt_pm(r['forget'])} | {fmt_pm(r['english'])} |")  # fmt: skip
+        fixed = row_criterion_pairs(b["rows"])
+        if fixed:
+            lines += ["", "Row criterion with the layers held fixed (paired Δ test NLL [95%], negative = the first "
+                      "better): " + "; ".join(fixed) + "."]  # fmt: skip
         types = {m: v["types"] for m, v in info_b["selections"].items()}
         lines += ["", "Rows by module type: " + "; ".join(f"{m} {t}" for m, t in types.items())]
     md = "\n".join(lines) + "\n"

@@ -152,3 +152,24 @@ def test_neumt_resumed_without_full_retrains_its_reference(sv, tmp_path):
     with pytest.raises(SystemExit, match="not the same model"):
         sv.main(["--preset", "tiny", "--out", str(out), "--resume", "--budgets", "0.25", "--methods",
                  "neumt"], log=lambda s: None)  # fmt: skip
+
+
+def test_report_separates_the_row_criterion_from_the_layer_choice(sv, run):
+    """Methods that share layers and rows per layer are compared pairwise, with the paired difference of their
+    seed-averaged per-sentence test NLL (checked here against a direct mean over the stored runs)."""
+    from reports.selection_value import row_criterion_pairs, summarise
+
+    results, out, _ = run
+    md = (out / "selection_value.md").read_text()
+    assert "taylor − random-layers (Taylor's layers)" in md and "taylor-per-layer − magnitude" in md
+    rows = summarise(results)["budgets"]["0.25"]["rows"]
+    x = rows["taylor-per-layer"]["paired"]["random-all"]
+    groups = results["groups"]["test"]
+
+    def mean_test(method):  # tiny preset: one seed, one language-balanced test set
+        (r,) = [r for r in results["runs"].values() if r.get("method") == method and "test" in r
+                and float(r["budget"]) == 0.25]  # fmt: skip
+        return sv.macro_nll(r["test"], groups)
+
+    assert x["delta"] == pytest.approx(mean_test("taylor-per-layer") - mean_test("random-all"), abs=1e-9)
+    assert len(row_criterion_pairs(rows)) == 4
