@@ -68,6 +68,7 @@ from common.matched import (  # noqa: E402
     linear_sizes,
     lora_rank,
     score_by_type,
+    score_concentration,
     selection_record,
 )
 from common.models import load_model, trainable_params  # noqa: E402
@@ -346,6 +347,8 @@ def taylor_scores(s: Session, data, sel_dir: Path, reuse: bool):
         s.log(f"  Taylor scoring {s.results['select_seconds']:.1f} s")
     s.results["score_by_type"] = score_by_type(base_sel)
     s.log(f"  mean Taylor neuron score by module type (group-normalised): {s.results['score_by_type']}")
+    s.results["score_concentration"] = score_concentration(base_sel)
+    s.log(f"  share of a layer's Taylor score mass in its top rows, by module type: {s.results['score_concentration']}")
     return base_sel, calib
 
 

@@ -152,6 +152,22 @@ def score_by_type(sel) -> dict:
     return {t: round(sum(v) / len(v), 4) for t, v in acc.items()}
 
 
+def score_concentration(sel, shares=(0.05, 0.25)) -> dict:
+    """Per module type, the share of a layer's Taylor score mass (group-normalised, averaged over groups) held by its
+    top ``share`` rows, averaged over the layers of the type. Near ``share`` itself the scores are flat and the top
+    rows are hardly different from random ones; far above it, a few rows carry most of the importance."""
+    from neuron_peft.selection import module_type
+
+    norm = sel.normalised_scores()
+    acc: dict[str, dict[float, list[float]]] = {}
+    for n, p in zip(sel.layers, sel.parts):
+        v = norm[n].mean(dim=0).sort(descending=True).values
+        per = acc.setdefault(module_type(n, p).split(":")[1], {f: [] for f in shares})
+        for f in shares:
+            per[f].append(float(v[: max(1, round(f * v.numel()))].sum() / v.sum()))
+    return {t: {f"top{round(100 * f)}%": round(sum(x) / len(x), 3) for f, x in d.items()} for t, d in acc.items()}
+
+
 def selection_record(sel) -> dict:
     """What results.json keeps of a selection: its layers, trained weights and selected rows per module type."""
     return {"kept_layers": len(sel.kept_layers), "weights": sel.trained_weights(), "types": type_counts(sel)}

@@ -173,3 +173,21 @@ def test_report_separates_the_row_criterion_from_the_layer_choice(sv, run):
 
     assert x["delta"] == pytest.approx(mean_test("taylor-per-layer") - mean_test("random-all"), abs=1e-9)
     assert len(row_criterion_pairs(rows)) == 4
+
+
+def test_score_concentration_against_hand_values():
+    """Share of a layer's score mass in its top rows, per module type, averaged over that type's layers."""
+    from types import SimpleNamespace
+
+    import torch
+    from common.matched import score_concentration
+
+    scores = {
+        "m.0.q_proj": torch.tensor([[4.0, 3.0, 2.0, 1.0], [4.0, 3.0, 2.0, 1.0]]),  # 2 groups, same scores
+        "m.1.q_proj": torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]),  # flat: top share = share
+        "m.0.v_proj": torch.tensor([[0.0, 0.0, 0.0, 8.0], [0.0, 0.0, 0.0, 8.0]]),
+    }  # all mass in one row
+    sel = SimpleNamespace(layers=list(scores), parts=["language"] * 3, normalised_scores=lambda: scores)
+    out = score_concentration(sel, shares=(0.25, 0.5))
+    assert out["q_proj"] == {"top25%": round((0.4 + 0.25) / 2, 3), "top50%": round((0.7 + 0.5) / 2, 3)}
+    assert out["v_proj"] == {"top25%": 1.0, "top50%": 1.0}
