@@ -358,6 +358,9 @@ def budget(s: Session, base_sel, nr: float, sizes: dict) -> tuple[dict, dict]:
     binfo = {"neuron_ratio": nr, "budget_weights": bsel["budget"], "share": bsel["share"],
              "lora_rank": lora_rank(bsel["budget"], sizes),
              "selections": {m: selection_record(x) for m, x in bsel["selections"].items()}}  # fmt: skip
+    # a resumed run keeps the records of selections this invocation does not decide again (NeuMT's needs its reference)
+    for m, x in s.results["budgets"].get(str(nr), {}).get("selections", {}).items():
+        binfo["selections"].setdefault(m, x)
     s.results["budgets"][str(nr)] = binfo
     s.log(f"\n## budget: Taylor neuron_ratio {nr} -> {bsel['budget']:,} weights = {100 * bsel['share']:.2f}% of "
           f"linear weights; LoRA r {binfo['lora_rank']}")  # fmt: skip

@@ -144,6 +144,10 @@ def test_neumt_resumed_without_full_retrains_its_reference(sv, tmp_path):
     assert "retraining the resumed full fine-tune" in log and "skipped" not in log
     assert any(r.get("method") == "neumt" and "test" in r for r in again["runs"].values())
     assert "neumt" in again["budgets"]["0.25"]["selections"]
+    # a later resume that does not decide NeuMT again keeps its stored selection record
+    later = sv.main(["--preset", "tiny", "--out", str(out), "--resume", "--budgets", "0.25", "--methods", "full"],
+                    log=lambda s: None)  # fmt: skip
+    assert later["budgets"]["0.25"]["selections"]["neumt"] == again["budgets"]["0.25"]["selections"]["neumt"]
     # a stored run the retrained reference does not reproduce is refused, never used silently
     res = json.loads((out / "results.json").read_text())
     lr = res["picked"]["-|full"]["lr"]
