@@ -269,10 +269,17 @@ class Session:
         return decode_scores(model, self.tok, self.bleu_examples, self.test_examples, p.max_new_tokens,
                              p.eval_batch_size)  # fmt: skip
 
+    def fit(self, model, routed, lr, seed) -> tuple[dict, dict, float]:
+        """(training record, dev evaluation, dev NLL) of one seeded run of ``model``: the one place a run is trained
+        and scored, so a retrained model (NeuMT's reference) is the same as the stored run it stands in for."""
+        tr = train_one(model, routed, self.tok, self.feats["train"], translation_preset(self.p, seed), lr, self.device)
+        ev = self.evaluate(model, ("dev",))
+        return tr, ev, macro_nll(ev["dev"], self.evalsets["dev"].groups)
+
     def train(self, nr, method, bsel, sizes, lr, seed, keep):
         """(row, model or None): one training run and its dev NLL, stored under its run key; a run already stored
         (resumed) is not repeated. The model is returned only with ``keep`` and a finite dev NLL."""
-        results, log, p = self.results, self.log, self.p
+        results, log = self.results, self.log
         key = run_key(nr, method, seed, lr)
         if key in results["runs"]:
             return results["runs"][key], None
@@ -280,9 +287,7 @@ class Session:
         n_tr = trainable_params(model)
         t0 = time.perf_counter()
         try:
-            tr = train_one(model, routed, self.tok, self.feats["train"], translation_preset(p, seed), lr, self.device)
-            ev = self.evaluate(model, ("dev",))
-            dev = macro_nll(ev["dev"], self.evalsets["dev"].groups)
+            tr, ev, dev = self.fit(model, routed, lr, seed)
             losses = tr["losses"]
         except FloatingPointError as err:
             ev, dev, losses, tr = {"dev": None}, float("inf"), [], {"seconds": time.perf_counter() - t0}
@@ -395,8 +400,7 @@ def _retrain_full_reference(s: Session, nr: float, bsel: dict, sizes: dict):
     stored = s.results["runs"].get(run_key(nr, "full", seed, lr), {}).get("dev_nll")
     s.log(f"  [neumt] retraining the resumed full fine-tune (seed {seed}, lr {lr:g}) as the reference")
     model, routed = build("full", s.base, bsel, sizes, seed)
-    train_one(model, routed, s.tok, s.feats["train"], translation_preset(s.p, seed), lr, s.device)
-    dev = macro_nll(s.evaluate(model, ("dev",))["dev"], s.evalsets["dev"].groups)
+    _, _, dev = s.fit(model, routed, lr, seed)
     if stored is not None and abs(dev - stored) > 1e-3:
         raise SystemExit(f"[neumt] the retrained full fine-tune has dev NLL {dev:.4f}, the stored run "
                          f"{stored:.4f}: not the same model, so it cannot stand in as the reference")  # fmt: skip
