@@ -345,8 +345,9 @@ def taylor_scores(s: Session, data, sel_dir: Path, reuse: bool):
         base_sel = NeuronSelection.load(sel_dir)  # same calibration data (the configuration was checked above)
         s.log("  Taylor scores reused from " + str(sel_dir))
     else:
+        # "taylor" is the MNAFT ranking (layers, then their rows); the other methods re-decide from these scores
         base_sel = select_neurons(s.base, calib, layer_ratio=LAYER_RATIO, neuron_ratio=p.budgets[0],
-                                  specific_ratio=SPECIFIC_RATIO, progress=False)  # fmt: skip
+                                  specific_ratio=SPECIFIC_RATIO, row_selection="layers", progress=False)  # fmt: skip
         s.results["select_seconds"] = time.perf_counter() - t
         base_sel.save(sel_dir)
         s.log(f"  Taylor scoring {s.results['select_seconds']:.1f} s")

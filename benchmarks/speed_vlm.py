@@ -164,7 +164,7 @@ def _selection_config(source: Source, model, inputs, data):
     calib = {g: [{k: (v.to(source.preset.device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in bs]
              for g, bs in calib.items()}  # fmt: skip
     sel = select_vlm_neurons(model, calib, layer_ratio={"vision": 0.25, "projector": 1.0, "language": 0.4},
-                             neuron_ratio=0.5, specific_ratio=0.1, progress=False)  # fmt: skip
+                             neuron_ratio=0.5, specific_ratio=0.1, row_selection="layers", progress=False)  # fmt: skip
     return sel.to_config(model=model)
 
 

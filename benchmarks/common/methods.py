@@ -97,7 +97,8 @@ def run_selection(base, tok, data, p: Preset, methods, device, log) -> tuple[dic
     calib = {g: [{k: v.to(device) for k, v in b.items()} for b in bs] for g, bs in calib.items()}
     start = time.perf_counter()
     sel = select_neurons(base, calib, target_modules="all-linear", layer_ratio=ratios[0],
-                         neuron_ratio=p.neuron_ratio, specific_ratio=p.specific_ratio, progress=False)  # fmt: skip
+                         neuron_ratio=p.neuron_ratio, specific_ratio=p.specific_ratio, row_selection="layers",
+                         progress=False)  # fmt: skip
     seconds = time.perf_counter() - start
     out = {}
     for r in ratios:

@@ -207,10 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "that train")  # fmt: skip
         p.add_argument("--specific-ratio", type=_fraction, default=0.1, help="share of the trained rows that are "
                        "language-specific (owned by one group)")  # fmt: skip
-        p.add_argument("--row-selection", default="layers", choices=ROW_SELECTIONS, help="'layers': keep the top "
-                       "--layer-ratio layers, then their top --neuron-ratio rows (MNAFT); 'per_layer': the top rows of "
-                       "every scored layer, same share of each; 'global': one ranking of all rows (budget: "
-                       "layer-ratio x neuron-ratio of the weights)")  # fmt: skip
+        p.add_argument("--row-selection", default=None, choices=ROW_SELECTIONS, help="'per_layer' (default): the top "
+                       "rows of every scored layer, the same share of each (--layer-ratio x --neuron-ratio of its "
+                       "rows); 'layers': keep the top --layer-ratio layers, then their top --neuron-ratio rows (MNAFT); "
+                       "'global': one ranking of all rows (budget: layer-ratio x neuron-ratio of the weights)")  # fmt: skip
         p.add_argument("--score-normalization", default="none", choices=SCORE_NORMALIZATIONS, help="compare "
                        "Taylor scores raw, or z-scored / rank-normalised within each module type (q/k/v/o/gate/up/"
                        "down), so layer and row rankings are scale-free")  # fmt: skip

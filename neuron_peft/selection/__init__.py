@@ -29,7 +29,8 @@ Conventions (documented here because they change the numbers):
   means differ by module type (k/v/o/down_proj sit above q/gate/up_proj), so a raw layer ranking keeps the same
   types; ``score_normalization`` ranks within module type, ``row_selection`` replaces the layer step by the top rows
   of every layer (``"per_layer"``) or one global ranking under a weight budget (``"global"``, ``weight_ratio``).
-  The defaults are the MNAFT ranking above; ``benchmarks/selection_value.py`` measures the alternatives.
+  ``row_selection="layers"`` is the MNAFT ranking above; the default is ``"per_layer"`` (``"layers"`` with
+  activation similarity), chosen by dev NLL in ``benchmarks/selection_value.py``, which measures the alternatives.
 
 Modules: `calibration.py` (`select_neurons`, the pass over calibration data), `scoring.py` (Taylor importance and
 activation similarity per neuron and group), `ranking.py` (choices, ratios, normalisation within module types),

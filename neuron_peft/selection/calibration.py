@@ -49,7 +49,7 @@ def select_neurons(
     progress: bool = True,
     *,
     score_normalization: str = "none",
-    row_selection: str = "layers",
+    row_selection: Optional[str] = None,
     weight_ratio: Optional[float] = None,
     token_reduction: str = "mean",
     group_normalization: str = "mean",
@@ -69,7 +69,7 @@ def select_neurons(
             a fine-tuned copy with the same module names; it runs forward only).
         progress: show a tqdm bar.
 
-    Ranking options (keyword-only; the defaults reproduce the MNAFT-style selection above). They exist because
+    Ranking options (keyword-only). They exist because
     raw Taylor scores are not comparable across module types: mean ``|a * dL/da|`` depends on a projection's shape
     and on where it writes (on Gemma 3 270M k/v/o/down_proj means are 2-4x those of q/gate/up_proj), so a ranking
     of raw layer means keeps the same few types and never q_proj / gate_proj / up_proj. The protocol in
@@ -82,8 +82,11 @@ def select_neurons(
             inside one layer never change, since both maps keep the order within a type.
         row_selection: ``"layers"`` keeps the top ``layer_ratio`` layers per part, then the top ``neuron_ratio``
             rows of each kept layer (MNAFT). ``"per_layer"`` skips the layer step: the top rows of *every*
-            targeted layer, the same share of each layer's rows (random rows spread like this were the strongest
-            sparse baseline, so this asks whether Taylor picks better rows than chance at the same spread).
+            targeted layer, the same share of each layer's rows (``layer_ratio * neuron_ratio`` of them, or
+            ``weight_ratio``). ``None`` (default) is ``"per_layer"`` with Taylor layer scoring, the ranking with
+            the best dev NLL in ``benchmarks/selection_value.py`` (both budgets, both language sets; its rows also
+            beat random rows at the same spread, which the MNAFT layers' did not on en->fr/de/hi/tr), and
+            ``"layers"`` with ``layer_scoring="activation_similarity"``, the only choice that uses a layer score.
             ``"global"`` ranks every row of a part together by its (normalised) score and takes rows until the
             weight budget is spent, so a layer gets as many rows as its scores earn; no separate layer step.
         weight_ratio: budget of ``"per_layer"`` / ``"global"`` as a share of the targeted layers' weights (rows x
@@ -99,7 +102,14 @@ def select_neurons(
             (or more tokens) does not own every specific row; ``"none"`` uses raw scores.
     """
     _check_choice("score_normalization", score_normalization, SCORE_NORMALIZATIONS)
+    if layer_scoring not in LAYER_SCORINGS:
+        raise ValueError(f"layer_scoring must be one of {LAYER_SCORINGS}, got {layer_scoring!r}")
+    if row_selection is None:
+        row_selection = "layers" if layer_scoring == "activation_similarity" else "per_layer"
     _check_choice("row_selection", row_selection, ROW_SELECTIONS)
+    if layer_scoring == "activation_similarity" and row_selection != "layers":
+        raise ValueError(f"layer_scoring='activation_similarity' ranks layers, but row_selection={row_selection!r} "
+                         "has no layer step and would ignore it; use row_selection='layers'")  # fmt: skip
     _check_choice("token_reduction", token_reduction, TOKEN_REDUCTIONS)
     _check_choice("group_normalization", group_normalization, GROUP_NORMALIZATIONS)
     if weight_ratio is not None:
@@ -107,8 +117,6 @@ def select_neurons(
         if row_selection == "layers":
             raise ValueError("weight_ratio sets the budget of row_selection 'per_layer' or 'global'; 'layers' uses "
                              "layer_ratio and neuron_ratio")  # fmt: skip
-    if layer_scoring not in LAYER_SCORINGS:
-        raise ValueError(f"layer_scoring must be one of {LAYER_SCORINGS}, got {layer_scoring!r}")
     if layer_scoring == "activation_similarity" and reference_model is None:
         raise ValueError("layer_scoring='activation_similarity' needs reference_model= (a fine-tuned model)")
     if layer_scoring == "taylor" and reference_model is not None:

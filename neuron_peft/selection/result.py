@@ -53,7 +53,7 @@ class NeuronSelection:
     language_neurons: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     in_features: list[int] = field(default_factory=list)
     score_normalization: str = "none"
-    row_selection: str = "layers"
+    row_selection: str = "layers"  # what files written before the option existed used; select_neurons picks per_layer
     weight_ratio: Optional[float] = None
     token_reduction: str = "mean"
     group_normalization: str = "mean"
@@ -130,8 +130,12 @@ class NeuronSelection:
             }
         self._need_in_features()
         if self.row_selection == "per_layer":
+            # a layer no calibration gradient reaches scores 0 everywhere (e.g. a vision block after the layer the
+            # projector reads): rows there could never learn, so it gets none
             return {
-                n: order[n][: _n_of(self._budget_fraction(p), len(order[n]))] for n, p in zip(self.layers, self.parts)
+                n: order[n][: _n_of(self._budget_fraction(p), len(order[n]))]
+                for n, p in zip(self.layers, self.parts)
+                if bool(importance[n].any())
             }
         # global: one ranking of every row of a part, scale-free across module types, filled up to the weight budget
         chosen: dict[str, torch.Tensor] = {}

@@ -122,12 +122,13 @@ def test_evaluate_and_demo_run_with_progress(files, tmp_path, capsys):
 
 
 def test_select_ranking_options_reach_select_neurons(files, tmp_path):
-    """--row-selection / --score-normalization are select_neurons' options: 'per_layer' keeps rows in every scored
-    layer, the same share of each (hand-computed: 2 layers x 7 projections, 25% of the weights -> every one of the
-    14 layers), where the default keeps the top 40% of layers; both are recorded in the saved selection."""
+    """--row-selection / --score-normalization are select_neurons' options: 'per_layer' (the default) keeps rows in
+    every scored layer, the same share of each (hand-computed: 2 layers x 7 projections, 25% of the weights -> every
+    one of the 14 layers), where 'layers' keeps the top 40% of layers; both are recorded in the saved selection."""
     common = ["select", "--model", files / "model", "--data", files / "corpus.jsonl", "--n-calib", "2",
               "--threads", "1", "--neuron-ratio", "0.625"]  # fmt: skip
-    assert run_cli([*common, "--out", tmp_path / "layers"]) == 0
+    assert run_cli([*common, "--row-selection", "layers", "--out", tmp_path / "layers"]) == 0
+    assert run_cli([*common, "--out", tmp_path / "default"]) == 0
     assert run_cli([*common, "--row-selection", "per_layer", "--score-normalization", "module_type_rank",
                     "--out", tmp_path / "per_layer"]) == 0  # fmt: skip
     from neuron_peft import NeuronSelection
@@ -135,4 +136,6 @@ def test_select_ranking_options_reach_select_neurons(files, tmp_path):
     layers, per_layer = NeuronSelection.load(tmp_path / "layers"), NeuronSelection.load(tmp_path / "per_layer")
     assert len(per_layer.kept_layers) == 14 and len(layers.kept_layers) < 14
     assert (per_layer.row_selection, per_layer.score_normalization) == ("per_layer", "module_type_rank")
+    default = NeuronSelection.load(tmp_path / "default")
+    assert (default.row_selection, len(default.kept_layers), layers.row_selection) == ("per_layer", 14, "layers")
     assert run_cli([*common, "--row-selection", "sideways", "--out", tmp_path / "bad"]) == 2

@@ -314,7 +314,8 @@ def test_selection_budgets_each_part(arch, dataset):
     calib = vlm_calibration_batches(_inputs(model), dataset, batch_size=2)
     assert sorted(calib) == ["en-de", "en-fr"] and len(calib["en-fr"]) == 2  # 2 examples x 2 tasks
     ratios = {"vision": 0.25, "projector": 0.5, "language": 0.5}
-    sel = select_vlm_neurons(model, calib, layer_ratio=ratios, neuron_ratio=0.5, specific_ratio=0.25, progress=False)
+    sel = select_vlm_neurons(model, calib, layer_ratio=ratios, neuron_ratio=0.5, specific_ratio=0.25,
+                             row_selection="layers", progress=False)  # fmt: skip
     kept = _kept_per_part(sel)
     for part, ratio in ratios.items():
         n = len(targets[part])
@@ -329,7 +330,7 @@ def test_selection_budgets_each_part(arch, dataset):
     assert specific == rows_parts  # Qwen2-VL's packed patches are routed too (test_packed_patch_routing_...)
     assert packs_patches(model) == (arch == "qwen2_vl")
     shared = select_vlm_neurons(model, calib, layer_ratio=ratios, neuron_ratio=0.5, specific_ratio=0.25,
-                                specific_parts=None, progress=False)  # fmt: skip
+                                row_selection="layers", specific_parts=None, progress=False)  # fmt: skip
     assert shared.language_neurons == {} and shared.kept_layers == sel.kept_layers
 
     def rows(s, name):

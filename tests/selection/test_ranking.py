@@ -166,7 +166,7 @@ def test_options_round_trip_through_save_and_load(tmp_path):
         ({"row_selection": "topk"}, "row_selection must be one of"),
         ({"token_reduction": "max"}, "token_reduction must be one of"),
         ({"group_normalization": "z"}, "group_normalization must be one of"),
-        ({"weight_ratio": 0.1}, "weight_ratio sets the budget"),
+        ({"row_selection": "layers", "weight_ratio": 0.1}, "weight_ratio sets the budget"),
         ({"row_selection": "global", "weight_ratio": 1.5}, "weight_ratio must be in"),
     ],
 )
@@ -181,3 +181,35 @@ def test_old_selection_without_in_features_explains_itself():
     sel.row_selection = "global"
     with pytest.raises(ValueError, match="no in_features"):
         sel.decide()
+
+
+def test_default_row_selection_is_per_layer_for_taylor_and_layers_for_activation_similarity():
+    """The default the selection benchmark's dev split chose: the top rows of every layer, each layer's share
+    layer_ratio x neuron_ratio; hand-computed from the scores (mean over groups of each group's scores divided by
+    that group's mean over all neurons), not from the selection's own ranking."""
+    model = tiny_llama()
+    sel = select_neurons(model, calibration(), layer_ratio=0.5, neuron_ratio=0.5, specific_ratio=0.0, progress=False)
+    assert sel.row_selection == "per_layer" and sel.kept_layers == sel.layers  # every layer gets rows
+    group_mean = torch.cat([sel.neuron_scores[n] for n in sel.layers], dim=1).mean(dim=1, keepdim=True)  # (G, 1)
+    for n, out in zip(sel.layers, sel.out_features):
+        importance = (sel.neuron_scores[n] / group_mean).mean(dim=0)
+        k = round(0.25 * out)
+        assert len(sel.neurons[n]) == k
+        assert set(sel.neurons[n]) == set(torch.topk(importance, k).indices.tolist()), n
+    reference = tiny_llama()
+    neumt = select_neurons(model, calibration(), layer_scoring="activation_similarity", reference_model=reference,
+                           layer_ratio=0.5, progress=False)  # fmt: skip
+    assert neumt.row_selection == "layers" and len(neumt.kept_layers) == 7  # half of the 14 layers
+    with pytest.raises(ValueError, match="has no layer step"):
+        select_neurons(model, calibration(), layer_scoring="activation_similarity", reference_model=reference,
+                       row_selection="per_layer", progress=False)  # fmt: skip
+
+
+def test_per_layer_gives_no_rows_to_a_layer_no_gradient_reaches():
+    """A layer whose every score is 0 (its output never reaches the loss) could not learn: per_layer skips it,
+    and every other layer keeps its share."""
+    sel = hand_selection(row_selection="per_layer", layer_ratio={"language": 1.0}, neuron_ratio=0.5)
+    assert sel.kept_layers == LAYERS
+    sel.neuron_scores[Q1] = torch.zeros_like(sel.neuron_scores[Q1])
+    sel.decide()
+    assert sel.kept_layers == [Q0, D0, D1] and all(len(sel.neurons[n]) == 2 for n in sel.kept_layers)

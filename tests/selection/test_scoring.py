@@ -124,7 +124,8 @@ def test_vision_positions_and_parts_budgeted_separately():
     model = TinyVLM()
     calib = {"fr": [vlm_batch(0), vlm_batch(1)], "de": [vlm_batch(2)]}
     ratios = {"vision": 0.5, "projector": 1.0, "language": 0.5}
-    sel = select_neurons(model, calib, target_modules=VLM_TARGETS, layer_ratio=ratios, progress=False)
+    sel = select_neurons(model, calib, target_modules=VLM_TARGETS, layer_ratio=ratios, row_selection="layers",
+                         progress=False)  # fmt: skip
     assert sel.parts == ["vision", "vision", "projector"] + ["language"] * 4
     ref = reference_scores(model, calib, sel.layers)
     for g, group in enumerate(sel.groups):
@@ -160,7 +161,7 @@ def test_ratios_disjointness_and_ownership():
     model = tiny_llama()
     sel = select_neurons(
         model, calibration(), target_modules="all-linear", layer_ratio=0.4, neuron_ratio=0.5, specific_ratio=0.25,
-        progress=False,
+        row_selection="layers", progress=False,
     )  # fmt: skip
     assert len(sel.kept_layers) == round(0.4 * 14)
     imp = sel.layer_importance()
