@@ -13,10 +13,10 @@ from tqdm.auto import tqdm
 from ..distributed import all_reduce_sum, is_distributed, needs_lockstep, rank
 from .ranking import (
     GROUP_NORMALIZATIONS,
-    ROW_SELECTIONS,
     SCORE_NORMALIZATIONS,
     _check_choice,
     _check_ratio,
+    _check_row_selection,
     _layer_ratios,
 )
 from .result import NeuronSelection
@@ -102,14 +102,10 @@ def select_neurons(
             (or more tokens) does not own every specific row; ``"none"`` uses raw scores.
     """
     _check_choice("score_normalization", score_normalization, SCORE_NORMALIZATIONS)
-    if layer_scoring not in LAYER_SCORINGS:
-        raise ValueError(f"layer_scoring must be one of {LAYER_SCORINGS}, got {layer_scoring!r}")
+    _check_choice("layer_scoring", layer_scoring, LAYER_SCORINGS)
     if row_selection is None:
         row_selection = "layers" if layer_scoring == "activation_similarity" else "per_layer"
-    _check_choice("row_selection", row_selection, ROW_SELECTIONS)
-    if layer_scoring == "activation_similarity" and row_selection != "layers":
-        raise ValueError(f"layer_scoring='activation_similarity' ranks layers, but row_selection={row_selection!r} "
-                         "has no layer step and would ignore it; use row_selection='layers'")  # fmt: skip
+    _check_row_selection(row_selection, layer_scoring)
     _check_choice("token_reduction", token_reduction, TOKEN_REDUCTIONS)
     _check_choice("group_normalization", group_normalization, GROUP_NORMALIZATIONS)
     if weight_ratio is not None:

@@ -61,6 +61,16 @@ def _check_choice(name: str, value, choices) -> str:
     return value
 
 
+def _check_row_selection(row_selection, layer_scoring: str) -> str:
+    """Only ``"layers"`` uses a layer score, and activation similarity is nothing but a layer score: any other row
+    selection would silently drop it. Checked before scoring and again on every `NeuronSelection.decide`."""
+    _check_choice("row_selection", row_selection, ROW_SELECTIONS)
+    if layer_scoring == "activation_similarity" and row_selection != "layers":
+        raise ValueError(f"layer_scoring='activation_similarity' ranks layers, but row_selection={row_selection!r} "
+                         "has no layer step and would ignore it; use row_selection='layers'")  # fmt: skip
+    return row_selection
+
+
 def _check_ratio(name: str, value, allow_zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")

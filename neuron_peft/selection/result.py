@@ -17,7 +17,14 @@ from ..errors import AdapterMismatchError
 from ..fileio import atomic_path, atomic_write_text
 from ..tuner.config import NeuronSelectConfig
 from .plots import plot_layer_heatmap, plot_neuron_variance
-from .ranking import GROUP_NORMALIZATIONS, ROW_SELECTIONS, SCORE_NORMALIZATIONS, _check_choice, _n_of, _normalize_within
+from .ranking import (
+    GROUP_NORMALIZATIONS,
+    SCORE_NORMALIZATIONS,
+    _check_choice,
+    _check_row_selection,
+    _n_of,
+    _normalize_within,
+)
 from .targets import _linear_out, module_type
 
 _JSON_NAME = "neuron_selection.json"
@@ -113,9 +120,9 @@ class NeuronSelection:
     def _choose_rows(self, norm: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """{layer: chosen rows (most important first)} for the configured ``row_selection``."""
         for name, value, choices in (("score_normalization", self.score_normalization, SCORE_NORMALIZATIONS),
-                                     ("row_selection", self.row_selection, ROW_SELECTIONS),
                                      ("group_normalization", self.group_normalization, GROUP_NORMALIZATIONS)):  # fmt: skip
             _check_choice(name, value, choices)
+        _check_row_selection(self.row_selection, self.layer_scoring)
         importance = {name: s.mean(dim=0) for name, s in norm.items()}  # (out,) mean over groups
         order = {name: torch.sort(v, descending=True, stable=True).indices for name, v in importance.items()}
         if self.row_selection == "layers":

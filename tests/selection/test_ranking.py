@@ -203,6 +203,9 @@ def test_default_row_selection_is_per_layer_for_taylor_and_layers_for_activation
     with pytest.raises(ValueError, match="has no layer step"):
         select_neurons(model, calibration(), layer_scoring="activation_similarity", reference_model=reference,
                        row_selection="per_layer", progress=False)  # fmt: skip
+    neumt.row_selection = "global"  # re-deciding a NeuMT selection without its layer step is refused too
+    with pytest.raises(ValueError, match="has no layer step"):
+        neumt.decide()
 
 
 def test_per_layer_gives_no_rows_to_a_layer_no_gradient_reaches():
