@@ -29,10 +29,9 @@ def check_adapter_state_dict(model: nn.Module, adapter_name: str, state_dict: di
             f"{name}.neuron_select_delta.{adapter_name}": module.neuron_select_delta[adapter_name].shape,
             f"{name}.neuron_select_indices.{adapter_name}": module.neuron_select_indices[adapter_name].shape,
         }
-        if adapter_name in module.neuron_select_bias_delta:
-            expected[f"{name}.neuron_select_bias_delta.{adapter_name}"] = module.neuron_select_bias_delta[
-                adapter_name
-            ].shape
+        for attr in ("neuron_select_bias_delta", "neuron_select_col_delta", "neuron_select_col_indices"):
+            if adapter_name in getattr(module, attr):
+                expected[f"{name}.{attr}.{adapter_name}"] = getattr(module, attr)[adapter_name].shape
         for key, shape in expected.items():
             if key not in state_dict:
                 raise AdapterMismatchError(
@@ -55,6 +54,19 @@ def check_adapter_state_dict(model: nn.Module, adapter_name: str, state_dict: di
                 f"module {shown!r}: row indices in the adapter file differ from adapter_config.json"
             )
         state_dict[f"{name}.neuron_select_indices.{adapter_name}"] = rows.long()
+        if adapter_name in module.neuron_select_col_indices:
+            key = f"{name}.neuron_select_col_indices.{adapter_name}"
+            cols = state_dict[key]
+            if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= module.in_features):
+                raise AdapterMismatchError(
+                    f"module {shown!r}: adapter column index {int(cols.max())} out of range for "
+                    f"{module.in_features} input columns"
+                )
+            if not torch.equal(cols.cpu().long(), module.neuron_select_col_indices[adapter_name].cpu()):
+                raise AdapterMismatchError(
+                    f"module {shown!r}: column indices in the adapter file differ from adapter_config.json"
+                )
+            state_dict[key] = cols.long()
     return state_dict
 
 
@@ -75,7 +87,8 @@ def refuse_foreign_keys(model: nn.Module, adapter_name: str, state_dict: dict) -
     allowed: set[str] = set()
     for name, module in model.named_modules():
         if isinstance(module, NeuronSelectLayer) and adapter_name in module.neuron_select_indices:
-            for attr in ("neuron_select_delta", "neuron_select_indices", "neuron_select_bias_delta"):
+            for attr in ("neuron_select_delta", "neuron_select_indices", "neuron_select_bias_delta",
+                         "neuron_select_col_delta", "neuron_select_col_indices"):  # fmt: skip
                 if adapter_name in getattr(module, attr):
                     allowed.add(plain(f"{name}.{attr}.{adapter_name}"))
         elif isinstance(module, AuxiliaryTrainingWrapper):

@@ -1,4 +1,9 @@
-"""`NeuronSelectConfig`: which output rows ("neurons") of which Linear layers train, and who owns them.
+"""`NeuronSelectConfig`: which output rows ("neurons") and input columns ("channels") of which Linear layers train,
+and who owns them.
+
+Two kinds of unit: a *row* is one output of a layer (its weight row and bias entry); a *column* is one input channel
+(its weight column, over every output). An MLP's neuron j reads through ``gate_proj``/``up_proj`` row j and writes
+through ``down_proj`` column j, so the unit a paper calls a neuron is a row in one layer and a column in another.
 
 The config is the whole adapter description: after injection the rows picked by `neuron_init` are written back
 into `neurons`, so a saved adapter_config.json always lists explicit indices and a reload never re-selects.
@@ -40,7 +45,7 @@ def _is_bool(value) -> bool:
     return isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
 
 
-def _check_rows(where: str, rows) -> list[int]:
+def _check_rows(where: str, rows, unit: str = "row") -> list[int]:
     """Row indices as plain ints, or a clear error quoting the value actually given.
 
     Floats and booleans are refused, never converted: ``torch.as_tensor([1.7], dtype=torch.long)`` silently gives
@@ -48,25 +53,25 @@ def _check_rows(where: str, rows) -> list[int]:
     from the end.
     """
     if isinstance(rows, (str, bytes)) or not hasattr(rows, "__iter__"):
-        raise TypeError(f"{where}: rows must be a list of integers, got {type(rows).__name__}")
+        raise TypeError(f"{where}: {unit}s must be a list of integers, got {type(rows).__name__}")
     if _is_bool(rows):
         raise TypeError(
-            f"{where}: rows are booleans ({rows!r}); pass row indices (e.g. mask.nonzero().flatten()), not a mask"
+            f"{where}: {unit}s are booleans ({rows!r}); pass {unit} indices (e.g. mask.nonzero().flatten()), not a mask"
         )
     out = []
     for r in rows:
         if _is_bool(r):
-            raise TypeError(f"{where}: row index {r!r} is a boolean, not an integer index")
+            raise TypeError(f"{where}: {unit} index {r!r} is a boolean, not an integer index")
         try:
             index = operator.index(r)
         except TypeError:
-            raise TypeError(f"{where}: row index {r!r} is not an integer") from None
+            raise TypeError(f"{where}: {unit} index {r!r} is not an integer") from None
         if index < 0:
-            raise ValueError(f"{where}: row index {r!r} is negative")
+            raise ValueError(f"{where}: {unit} index {r!r} is negative")
         out.append(index)
     if len(set(out)) != len(out):
         dup = sorted({r for r in out if out.count(r) > 1})
-        raise ValueError(f"{where}: duplicate row indices {dup[:10]}")
+        raise ValueError(f"{where}: duplicate {unit} indices {dup[:10]}")
     return out
 
 
@@ -80,7 +85,12 @@ class NeuronSelectConfig(PeftConfig):
             names from the *base* model's ``named_modules()``.
         language_neurons: ``{group: {module_name: [row, ...]}}`` language-specific rows owned by one group (a
             language pair or task); with routing only samples of that group train them.
-        neuron_ratio: for targeted modules without explicit rows, the fraction of rows to train, in (0, 1].
+        columns: ``{module_name: [col, ...]}`` language-agnostic input columns; each trains an (out_features,) weight
+            column (no bias: a bias belongs to an output row). A module listed only here gets no rows.
+        language_columns: ``{group: {module_name: [col, ...]}}`` input columns owned by one group.
+            A weight entry in both a selected row and a selected column belongs to the row: it trains (and is
+            routed) with the row's delta, and the column's delta skips that row (one parameter, counted once).
+        neuron_ratio: for targeted modules without explicit rows or columns, the fraction of rows to train, in (0, 1].
         neuron_init: how those rows are chosen without calibration data: ``"magnitude"`` (largest L2 norm of the
             weight row) or ``"random"`` (seeded by ``seed``).
         seed: seed for ``neuron_init="random"`` and for ``init_weights=False``.
@@ -105,6 +115,14 @@ class NeuronSelectConfig(PeftConfig):
     language_neurons: Optional[dict[str, dict[str, list[int]]]] = field(
         default=None,
         metadata={"help": "Language-specific rows: {group: {module_name: [row, ...]}}."},
+    )
+    columns: Optional[dict[str, list[int]]] = field(
+        default=None,
+        metadata={"help": "Language-agnostic input columns per module: {module_name: [col, ...]}."},
+    )
+    language_columns: Optional[dict[str, dict[str, list[int]]]] = field(
+        default=None,
+        metadata={"help": "Language-specific input columns: {group: {module_name: [col, ...]}}."},
     )
     neuron_ratio: float = field(
         default=0.1,
@@ -186,18 +204,30 @@ class NeuronSelectConfig(PeftConfig):
             raise ValueError(f"neuron_init must be one of {NEURON_INIT_CHOICES}, got {self.neuron_init!r}")
 
         self.neurons = self._normalise_rows("neurons", self.neurons)
+        self.language_neurons = self._normalise_groups("language_neurons", self.language_neurons)
+        self.columns = self._normalise_rows("columns", self.columns)
+        self.language_columns = self._normalise_groups("language_columns", self.language_columns)
+        self._check_disjoint("neurons", "language_neurons", "rows")
+        self._check_disjoint("columns", "language_columns", "columns")
+
+    @classmethod
+    def _normalise_groups(cls, where: str, mapping) -> Optional[dict[str, dict[str, list[int]]]]:
+        if mapping is not None and not isinstance(mapping, dict):
+            raise TypeError(
+                f"{where} must be a dict {{group: {{module_name: [indices]}}}}, got {type(mapping).__name__}"
+            )
         groups = {}
-        for group, rows in (self.language_neurons or {}).items():
+        for group, rows in (mapping or {}).items():
             if not isinstance(group, str) or not group.strip():
-                raise ValueError(f"language_neurons: group name must be a non-empty string, got {group!r}")
+                raise ValueError(f"{where}: group name must be a non-empty string, got {group!r}")
             if rows is None or not isinstance(rows, dict):
-                raise ValueError(f"language_neurons[{group!r}] must be a dict {{module_name: [rows]}}")
-            groups[group] = self._normalise_rows(f"language_neurons[{group!r}]", rows)
-        self.language_neurons = groups or None
-        self._check_disjoint()
+                raise ValueError(f"{where}[{group!r}] must be a dict {{module_name: [indices]}}")
+            groups[group] = cls._normalise_rows(f"{where}[{group!r}]", rows)
+        return groups or None
 
     @staticmethod
     def _normalise_rows(where: str, mapping) -> Optional[dict[str, list[int]]]:
+        unit = "column" if "columns" in where else "row"
         if mapping is None:
             return None
         if not isinstance(mapping, dict):
@@ -206,40 +236,49 @@ class NeuronSelectConfig(PeftConfig):
         for name, rows in mapping.items():
             if not isinstance(name, str) or not name:
                 raise ValueError(f"{where}: module name must be a non-empty string, got {name!r}")
-            out[name] = sorted(_check_rows(f"{where}[{name!r}]", rows))
+            out[name] = sorted(_check_rows(f"{where}[{name!r}]", rows, unit))
         return out
 
-    def _check_disjoint(self) -> None:
+    def _check_disjoint(self, agnostic_field: str, groups_field: str, unit: str) -> None:
         owners: dict[str, dict[int, str]] = {}
-        sources = [("neurons", self.neurons or {})]
-        sources += [(f"language_neurons[{g!r}]", rows) for g, rows in (self.language_neurons or {}).items()]
+        sources = [(agnostic_field, getattr(self, agnostic_field) or {})]
+        sources += [(f"{groups_field}[{g!r}]", rows) for g, rows in (getattr(self, groups_field) or {}).items()]
         for source, mapping in sources:
             for name, rows in mapping.items():
                 seen = owners.setdefault(name, {})
                 clash = [r for r in rows if r in seen]
                 if clash:
                     raise ValueError(
-                        f"module {name!r}: rows {clash[:10]} are listed in both {seen[clash[0]]} and {source}; "
-                        "agnostic and language-specific rows must be disjoint within a module"
+                        f"module {name!r}: {unit} {clash[:10]} are listed in both {seen[clash[0]]} and {source}; "
+                        f"agnostic and language-specific {unit} must be disjoint within a module"
                     )
                 seen.update(dict.fromkeys(rows, source))
 
     @property
     def groups(self) -> list[str]:
-        """Language groups, in the fixed order used for row ownership ids inside the layers."""
-        return sorted(self.language_neurons or {})
+        """Language groups (of rows and columns), in the fixed order used for ownership ids inside the layers."""
+        return sorted(set(self.language_neurons or {}) | set(self.language_columns or {}))
 
     def explicit_modules(self) -> set[str]:
-        """Module names that have explicitly listed rows (agnostic or language-specific)."""
-        names = set(self.neurons or {})
-        for rows in (self.language_neurons or {}).values():
-            names.update(rows)
+        """Module names that have explicitly listed rows or columns (agnostic or language-specific)."""
+        names = set(self.neurons or {}) | set(self.columns or {})
+        for mapping in (self.language_neurons or {}, self.language_columns or {}):
+            for rows in mapping.values():
+                names.update(rows)
         return names
 
     def rows_for(self, module_name: str) -> Optional[tuple[list[int], list[tuple[str, list[int]]]]]:
-        """(agnostic rows, [(group, rows), ...]) for a module with explicit rows, else None."""
+        """(agnostic rows, [(group, rows), ...]) for a module with explicit rows or columns, else None (a module
+        listed only with columns has no rows: explicit units replace the `neuron_ratio` pick)."""
         if module_name not in self.explicit_modules():
             return None
-        agnostic = list((self.neurons or {}).get(module_name, []))
-        specific = [(g, list(self.language_neurons[g].get(module_name, []))) for g in self.groups]
+        return self._units_of(module_name, self.neurons, self.language_neurons)
+
+    def columns_for(self, module_name: str) -> tuple[list[int], list[tuple[str, list[int]]]]:
+        """(agnostic columns, [(group, columns), ...]) of a module (empty lists when it has none)."""
+        return self._units_of(module_name, self.columns, self.language_columns)
+
+    def _units_of(self, module_name: str, agnostic_map, groups_map):
+        agnostic = list((agnostic_map or {}).get(module_name, []))
+        specific = [(g, list((groups_map or {}).get(g, {}).get(module_name, []))) for g in self.groups]
         return agnostic, specific

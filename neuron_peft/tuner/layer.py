@@ -1,11 +1,19 @@
-"""NeuronSelect tuner layer: trainable deltas for selected output rows of a Linear (or GPT-2 Conv1D).
+"""NeuronSelect tuner layer: trainable deltas for selected output rows and input columns of a Linear (or GPT-2
+Conv1D).
 
 Per adapter the layer holds
-  * ``neuron_select_delta``      (k, in_features) trainable rows,
-  * ``neuron_select_bias_delta`` (k,) trainable bias entries (base has a bias and ``train_bias``),
+  * ``neuron_select_delta``      (k, in_features) trainable rows (k may be 0 when the layer trains columns only),
+  * ``neuron_select_bias_delta`` (k,) trainable bias entries (base has a bias, ``train_bias`` and k > 0),
   * ``neuron_select_indices``    (k,) int64 persistent buffer: which output rows these are,
-  * ``neuron_select_row_groups`` (k,) int64 non-persistent: -1 = agnostic, g = owned by config.groups[g].
-The adapted layer computes the base layer with ``W[rows] += delta`` and ``b[rows] += bias_delta``.
+  * ``neuron_select_row_groups`` (k,) int64 non-persistent: -1 = agnostic, g = owned by config.groups[g],
+and, when it trains input columns,
+  * ``neuron_select_col_delta``   (n, kc) trainable columns over the n = out_features - k rows that are not
+    selected as rows (an entry in a selected row and a selected column belongs to the row: one parameter),
+  * ``neuron_select_col_indices`` (kc,) int64 persistent buffer: which input columns these are,
+  * ``neuron_select_col_groups``  (kc,) int64 non-persistent: owners, as for rows,
+  * ``neuron_select_col_rows``    (n,) int64 non-persistent: the rows the column delta covers (only when k > 0).
+The adapted layer computes the base layer with ``W[rows] += delta``, ``b[rows] += bias_delta`` and
+``W[other rows, cols] += col_delta``.
 
 Forward paths (see `autograd.py`):
   * live (default when safe): inside the layer's own forward (and again around ``grad_x`` in backward) the rows
@@ -32,6 +40,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .autograd import AddRowDelta, DenseDeltaLinear, LiveRowsLinear, RowDeltaLinear
+from .column_autograd import AddColumnDelta, LiveUnitsLinear, UnitsDeltaLinear, full_columns
 from .config import _check_rows
 
 
@@ -57,8 +66,14 @@ def mark_adapter_updated() -> None:
 
 
 class NeuronSelectLayer(BaseTunerLayer):
-    adapter_layer_names = ("neuron_select_delta", "neuron_select_bias_delta")
-    other_param_names = ("neuron_select_indices", "neuron_select_row_groups")
+    adapter_layer_names = ("neuron_select_delta", "neuron_select_bias_delta", "neuron_select_col_delta")
+    other_param_names = (
+        "neuron_select_indices",
+        "neuron_select_row_groups",
+        "neuron_select_col_indices",
+        "neuron_select_col_groups",
+        "neuron_select_col_rows",
+    )
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -66,6 +81,10 @@ class NeuronSelectLayer(BaseTunerLayer):
         self.neuron_select_bias_delta = nn.ParameterDict({})
         self.neuron_select_indices = BufferDict({}, persistent=True)
         self.neuron_select_row_groups = BufferDict({}, persistent=False)
+        self.neuron_select_col_delta = nn.ParameterDict({})
+        self.neuron_select_col_indices = BufferDict({}, persistent=True)
+        self.neuron_select_col_groups = BufferDict({}, persistent=False)
+        self.neuron_select_col_rows = BufferDict({}, persistent=False)
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -74,6 +93,9 @@ class NeuronSelectLayer(BaseTunerLayer):
             "deltas": self.neuron_select_delta._parameters,
             "bias_deltas": self.neuron_select_bias_delta._parameters,
             "indices": self.neuron_select_indices._buffers,
+            "col_deltas": self.neuron_select_col_delta._parameters,
+            "col_indices": self.neuron_select_col_indices._buffers,
+            "col_rows": self.neuron_select_col_rows._buffers,
         }
         self.quantization_backend = resolve_quantization_backend(
             self.get_base_layer(), get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass")
@@ -105,16 +127,24 @@ class NeuronSelectLayer(BaseTunerLayer):
         seed: int = 0,
         update_path: str = "auto",
         inference_mode: bool = False,
+        cols=None,
+        col_groups=None,
         **kwargs,
     ) -> None:
-        if isinstance(rows, torch.Tensor) and not (rows.is_floating_point() or rows.dtype == torch.bool):
-            rows = rows.flatten().tolist()
-        # floats, booleans and negatives are refused with the value given, never converted (as_tensor would truncate)
-        rows = torch.tensor(_check_rows(f"update_layer({adapter_name!r})", rows), dtype=torch.long)
-        k = rows.numel()
-        if k == 0:
-            raise ValueError("NeuronSelect: a layer needs at least one selected row")
-        if int(rows.min()) < 0 or int(rows.max()) >= self.out_features:
+        rows = _as_index_tensor(f"update_layer({adapter_name!r})", rows, "row")
+        cols = _as_index_tensor(f"update_layer({adapter_name!r}) columns", [] if cols is None else cols, "column")
+        k, kc = rows.numel(), cols.numel()
+        if k == 0 and kc == 0:
+            raise ValueError("NeuronSelect: a layer needs at least one selected row or column")
+        if kc and int(cols.max()) >= self.in_features:
+            bad = cols[cols >= self.in_features].tolist()[:10]
+            raise IndexError(f"column indices {bad} out of range for a layer with {self.in_features} input columns")
+        if kc and k == self.out_features:
+            raise ValueError(
+                "NeuronSelect: every row of this layer is selected, so its selected columns would add no parameter "
+                "(entries in a selected row belong to the row); drop the columns or some rows"
+            )
+        if k and int(rows.max()) >= self.out_features:
             bad = rows[(rows < 0) | (rows >= self.out_features)].tolist()[:10]
             raise IndexError(f"row indices {bad} out of range for a layer with {self.out_features} output rows")
         if torch.unique(rows).numel() != k:
@@ -126,13 +156,13 @@ class NeuronSelectLayer(BaseTunerLayer):
         base = self.get_base_layer()
         weight = getattr(base, "weight", None)
         dtype = weight.dtype if weight is not None and weight.dtype.is_floating_point else torch.float32
+        gen = torch.Generator().manual_seed(seed)
         delta = torch.zeros(k, self.in_features, dtype=torch.float32)
         if not init_weights:
-            gen = torch.Generator().manual_seed(seed)
             delta = torch.randn(k, self.in_features, generator=gen) * 0.02
         self.neuron_select_delta[adapter_name] = nn.Parameter(delta.to(dtype))
         has_bias = getattr(base, "bias", None) is not None
-        if has_bias and train_bias:
+        if has_bias and train_bias and k:
             bias = torch.zeros(k) if init_weights else torch.randn(k, generator=gen) * 0.02
             self.neuron_select_bias_delta[adapter_name] = nn.Parameter(bias.to(dtype))
         self.neuron_select_indices[adapter_name] = rows.clone()
@@ -141,16 +171,56 @@ class NeuronSelectLayer(BaseTunerLayer):
             raise ValueError("row_groups must give one group id per selected row")
         self.neuron_select_row_groups[adapter_name] = row_groups
         self.__dict__.setdefault("_specific", {})[adapter_name] = bool((row_groups >= 0).any())
+        self._update_columns(adapter_name, rows, cols, col_groups, init_weights, gen, dtype)
 
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _update_columns(self, adapter_name, rows, cols, col_groups, init_weights, gen, dtype) -> None:
+        for store in (self.neuron_select_col_delta, self.neuron_select_col_indices, self.neuron_select_col_groups,
+                      self.neuron_select_col_rows):  # fmt: skip
+            if adapter_name in store:
+                del store[adapter_name]
+        kc = cols.numel()
+        self.__dict__.setdefault("_specific_cols", {})[adapter_name] = False
+        if kc == 0:
+            return
+        col_groups = torch.full((kc,), -1, dtype=torch.long) if col_groups is None else col_groups
+        col_groups = torch.as_tensor(col_groups, dtype=torch.long).clone()
+        if col_groups.shape != cols.shape:
+            raise ValueError("col_groups must give one group id per selected column")
+        covered = self.out_features
+        if rows.numel():  # the column delta skips the rows the adapter trains as rows
+            keep = torch.ones(self.out_features, dtype=torch.bool)
+            keep[rows] = False
+            self.neuron_select_col_rows[adapter_name] = keep.nonzero().flatten()
+            covered -= rows.numel()
+        delta = torch.zeros(covered, kc, dtype=torch.float32)
+        if not init_weights:
+            delta = torch.randn(covered, kc, generator=gen) * 0.02
+        self.neuron_select_col_delta[adapter_name] = nn.Parameter(delta.to(dtype))
+        self.neuron_select_col_indices[adapter_name] = cols.clone()
+        self.neuron_select_col_groups[adapter_name] = col_groups
+        self.__dict__["_specific_cols"][adapter_name] = bool((col_groups >= 0).any())
 
     def has_specific_rows(self, adapter_name: str) -> bool:
         """Whether this layer has language-specific rows for the adapter (only then is routing needed)."""
         return self.__dict__.get("_specific", {}).get(adapter_name, False)
 
+    def has_specific_columns(self, adapter_name: str) -> bool:
+        """Whether this layer has language-specific columns for the adapter."""
+        return self.__dict__.get("_specific_cols", {}).get(adapter_name, False)
+
     def num_rows(self, adapter_name: str) -> int:
         return self.neuron_select_indices[adapter_name].numel()
+
+    def num_columns(self, adapter_name: str) -> int:
+        cols = self.neuron_select_col_indices
+        return cols[adapter_name].numel() if adapter_name in cols else 0
+
+    def _full_columns(self, adapter_name: str, col_delta: torch.Tensor) -> torch.Tensor:
+        """The column delta as (out_features, kc), zeros at entries that belong to selected rows."""
+        return full_columns(col_delta, self._fast["col_rows"].get(adapter_name), self.out_features)
 
     def _dense_rows(self, adapter_name: str) -> Optional[torch.Tensor]:
         """The row index tensor, or None when every row is selected in order (dense path, no gathers)."""
@@ -184,6 +254,9 @@ class NeuronSelectLayer(BaseTunerLayer):
         delta = self.neuron_select_delta[adapter_name]
         dense = torch.zeros(self.out_features, self.in_features, device=delta.device, dtype=delta.dtype)
         dense.index_copy_(0, rows, delta.detach())
+        if adapter_name in self.neuron_select_col_delta:
+            full = self._full_columns(adapter_name, self.neuron_select_col_delta[adapter_name].detach())
+            dense.index_add_(1, self.neuron_select_col_indices[adapter_name], full.to(dense.dtype))
         return dense.t() if self.fan_in_fan_out else dense
 
     def _apply_delta(self, adapter_name: str, sign: float, safe: bool = False) -> None:
@@ -214,15 +287,29 @@ class NeuronSelectLayer(BaseTunerLayer):
                 weight = base.weight.data
             cur = self._read_rows(weight, rows)
             new_w = (cur.float() + sign * delta.float().to(cur.device)).to(cur.dtype)
+            new_c = None
+            if adapter_name in self.neuron_select_col_delta:
+                cols = self.neuron_select_col_indices[adapter_name]
+                full = self._full_columns(adapter_name, self.neuron_select_col_delta[adapter_name].detach())
+                new_c = (cols, full.float() * sign)
             new_b = None
             if bias_delta is not None:
                 bidx = slice(None) if rows is None else rows
                 new_b = (base.bias.data[bidx].float() + sign * bias_delta.float().to(base.bias.device)).to(
                     base.bias.dtype
                 )
-            if safe and not (torch.isfinite(new_w).all() and (new_b is None or torch.isfinite(new_b).all())):
+            finite = torch.isfinite(new_w).all() and (new_b is None or torch.isfinite(new_b).all())
+            if new_c is not None:
+                w_cols = weight.t() if self.fan_in_fan_out else weight
+                finite = finite and torch.isfinite(w_cols.index_select(1, new_c[0]).float() + new_c[1]).all()
+            if safe and not finite:
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
             self._write_rows(weight, rows, new_w)
+            if new_c is not None:  # after the rows: the column delta is zero on row-owned entries
+                w = weight.t() if self.fan_in_fan_out else weight
+                cols, full = new_c
+                cur_c = w.index_select(1, cols)
+                w.index_copy_(1, cols, (cur_c.float() + full.to(cur_c.device)).to(cur_c.dtype))
             if backend is not None:
                 self.set_base_weight(weight)  # re-quantizes the whole weight
                 warnings.warn(
@@ -284,16 +371,36 @@ class NeuronSelectLayer(BaseTunerLayer):
         bias_delta = self._fast["bias_deltas"].get(adapter_name)
         if delta.device.type != "meta":
             return delta, bias_delta
-        if torch.is_grad_enabled() and delta.requires_grad:
-            raise RuntimeError(
-                "NeuronSelect: this layer's adapter weights are offloaded to the meta device (accelerate cpu/disk "
-                "offload or a device_map with offloaded layers), so they cannot receive gradients; train with the "
-                "adapter on a real device, or run inference under torch.no_grad()"
-            )
+        _refuse_offloaded_training(delta)
         return (
             _load_offloaded(self.neuron_select_delta, adapter_name),
             None if bias_delta is None else _load_offloaded(self.neuron_select_bias_delta, adapter_name),
         )
+
+    def _adapter_col_tensor(self, adapter_name: str) -> torch.Tensor:
+        """The column delta ready for compute (loaded through accelerate's hook when offloaded, as above)."""
+        col_delta = self._fast["col_deltas"][adapter_name]
+        if col_delta.device.type != "meta":
+            return col_delta
+        _refuse_offloaded_training(col_delta)
+        return _load_offloaded(self.neuron_select_col_delta, adapter_name)
+
+
+def _refuse_offloaded_training(delta: torch.Tensor) -> None:
+    if torch.is_grad_enabled() and delta.requires_grad:
+        raise RuntimeError(
+            "NeuronSelect: this layer's adapter weights are offloaded to the meta device (accelerate cpu/disk "
+            "offload or a device_map with offloaded layers), so they cannot receive gradients; train with the "
+            "adapter on a real device, or run inference under torch.no_grad()"
+        )
+
+
+def _as_index_tensor(where: str, indices, unit: str) -> torch.Tensor:
+    """Row or column indices as an int64 tensor; floats, booleans and negatives are refused with the value given,
+    never converted (``torch.as_tensor`` would truncate)."""
+    if isinstance(indices, torch.Tensor) and not (indices.is_floating_point() or indices.dtype == torch.bool):
+        indices = indices.flatten().tolist()
+    return torch.tensor(_check_rows(where, indices, unit), dtype=torch.long)
 
 
 def _load_offloaded(params: nn.ParameterDict, name: str) -> torch.Tensor:
@@ -320,11 +427,11 @@ class Linear(nn.Module, NeuronSelectLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, rows, row_groups, **kwargs)
 
-    def _route_mask(self, adapter_name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+    def _route_mask(self, adapter_name: str, x: torch.Tensor, unit: str = "row") -> Optional[torch.Tensor]:
         route = self._route
         if route is None:
             return None
-        return route.mask_for(self, adapter_name, x.shape[0], x.dim())
+        return route.mask_for(self, adapter_name, x.shape[0], x.dim(), unit=unit)
 
     def _live_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """One adapter on a plain base weight: rows swapped in for the call (sparse), a transient dense weight (all
@@ -333,6 +440,9 @@ class Linear(nn.Module, NeuronSelectLayer):
         base = fast["base"]
         weight, bias = base._parameters["weight"], base._parameters.get("bias")
         delta, bias_delta = fast["deltas"][name], fast["bias_deltas"].get(name)
+        col_delta = fast["col_deltas"].get(name)
+        if col_delta is not None:
+            return self._live_units_forward(name, x, weight, bias, delta, bias_delta, col_delta)
         training = torch.is_grad_enabled() and (delta.requires_grad or x.requires_grad)
         mask = self._route_mask(name, x) if training else None
         rows = self._dense_rows(name)
@@ -340,6 +450,16 @@ class Linear(nn.Module, NeuronSelectLayer):
             return DenseDeltaLinear.apply(x, weight, bias, delta, bias_delta, self.fan_in_fan_out, mask)
         fn = RowDeltaLinear if torch.compiler.is_compiling() else LiveRowsLinear
         return fn.apply(x, weight, bias, delta, bias_delta, rows, self.fan_in_fan_out, mask)
+
+    def _live_units_forward(self, name, x, weight, bias, delta, bias_delta, col_delta) -> torch.Tensor:
+        """Rows and columns (or columns only) swapped in for the call, or the non-writing form under compile."""
+        fast = self._fast
+        training = torch.is_grad_enabled() and (delta.requires_grad or col_delta.requires_grad or x.requires_grad)
+        row_mask = self._route_mask(name, x) if training else None
+        col_mask = self._route_mask(name, x, unit="column") if training else None
+        fn = UnitsDeltaLinear if torch.compiler.is_compiling() else LiveUnitsLinear
+        return fn.apply(x, weight, bias, delta, bias_delta, fast["indices"][name], col_delta, fast["col_indices"][name],
+                        fast["col_rows"].get(name), self.fan_in_fan_out, row_mask, col_mask)  # fmt: skip
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # hot path: one active adapter, live rows (plain dict lookups only; this runs for every layer and token)
@@ -378,12 +498,20 @@ class Linear(nn.Module, NeuronSelectLayer):
             out = self.quantization_backend.maybe_clone_base_result(out)  # bnb 4-bit: never write into its output
         for name in active:
             delta, bias_delta = self._adapter_tensors(name)
-            out = AddRowDelta.apply(out, x, delta, bias_delta, self._dense_rows(name), self._route_mask(name, x))
+            if delta.shape[0]:
+                out = AddRowDelta.apply(out, x, delta, bias_delta, self._dense_rows(name), self._route_mask(name, x))
+            if name in self._fast["col_deltas"]:
+                col_delta = self._adapter_col_tensor(name)
+                out = AddColumnDelta.apply(out, x, col_delta, self._fast["col_indices"][name],
+                                           self._fast["col_rows"].get(name), self._route_mask(name, x, "column"))  # fmt: skip
         return out
 
     def __repr__(self) -> str:
         return "neuron_select." + super().__repr__()
 
     def extra_repr(self) -> str:
-        parts = [f"{a}: {self.num_rows(a)}/{self.out_features} rows" for a in self.neuron_select_indices]
+        parts = []
+        for a in self.neuron_select_indices:
+            cols = f", {self.num_columns(a)}/{self.in_features} columns" if self.num_columns(a) else ""
+            parts.append(f"{a}: {self.num_rows(a)}/{self.out_features} rows{cols}")
         return ", ".join(parts)

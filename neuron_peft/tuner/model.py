@@ -186,7 +186,10 @@ class NeuronSelectModel(UnsupportedPeftMethods, BaseTuner):
             raise ValueError("Current key shouldn't be `None`")
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         rows, row_groups = self._resolve_rows(config, current_key, base)
+        cols, col_groups = self._resolve_columns(config, current_key, base, rows)
         kwargs = {
+            "cols": cols,
+            "col_groups": col_groups,
             "train_bias": config.train_bias,
             "init_weights": config.init_weights,
             "seed": config.seed + zlib.crc32(current_key.encode()),
@@ -238,12 +241,11 @@ class NeuronSelectModel(UnsupportedPeftMethods, BaseTuner):
             specific = [(g, []) for g in config.groups]
         else:
             agnostic, specific = explicit
-        rows, groups = list(agnostic), [-1] * len(agnostic)
-        for gid, (_group, group_rows) in enumerate(specific):
-            rows += group_rows
-            groups += [gid] * len(group_rows)
-        if not rows:
-            raise AdapterMismatchError(f"module {name!r}: no rows selected (agnostic and language lists are empty)")
+        rows, groups = _flatten_units(agnostic, specific)
+        if not rows and not _flatten_units(*config.columns_for(name))[0]:
+            raise AdapterMismatchError(
+                f"module {name!r}: no rows or columns selected (agnostic and language lists are empty)"
+            )
         bad = [r for r in rows if r >= layer_out]
         if bad:
             raise AdapterMismatchError(
@@ -251,12 +253,36 @@ class NeuronSelectModel(UnsupportedPeftMethods, BaseTuner):
             )
         return torch.tensor(rows, dtype=torch.long), torch.tensor(groups, dtype=torch.long)
 
+    @staticmethod
+    def _resolve_columns(config: NeuronSelectConfig, name: str, base: nn.Module, rows: torch.Tensor):
+        """(columns, owner ids) of a module from the config (empty when it has none), checked against the layer."""
+        agnostic, specific = config.columns_for(name)
+        agnostic = _check_rows(f"columns[{name!r}]", agnostic, "column")
+        specific = [(g, _check_rows(f"language_columns[{g!r}][{name!r}]", c, "column")) for g, c in specific]
+        cols, groups = _flatten_units(agnostic, specific)
+        if not cols:
+            return None, None
+        features = linear_features(base)
+        layer_in = features[0] if features is not None else int(getattr(base, "in_features", 0))
+        bad = [c for c in cols if c >= layer_in]
+        if bad:
+            raise AdapterMismatchError(
+                f"module {name!r}: column index {bad[0]} out of range (the layer has {layer_in} input columns)"
+            )
+        if rows.numel() == _out_features(base, name):
+            raise AdapterMismatchError(
+                f"module {name!r}: every row is selected, so its columns would add no parameter (entries in a selected "
+                "row belong to the row); drop the columns or some rows"
+            )
+        return torch.tensor(cols, dtype=torch.long), torch.tensor(groups, dtype=torch.long)
+
     def _check_all_explicit_targeted(self, model: nn.Module, config: NeuronSelectConfig) -> None:
         injected = set(self._injected_names)
         missing = sorted(config.explicit_modules() - injected)
         if missing:
             raise AdapterMismatchError(
-                f"modules {missing[:5]} have rows in `neurons`/`language_neurons` but are not targeted "
+                f"modules {missing[:5]} have rows or columns in `neurons`/`language_neurons`/`columns`/"
+                "`language_columns` but are not targeted "
                 "(check target_modules / exclude_modules / layers_to_transform)"
             )
         self._mark_shared_weights(model)
@@ -293,7 +319,7 @@ class NeuronSelectModel(UnsupportedPeftMethods, BaseTuner):
     def _named_deltas(self, adapter_names):
         for name, module in self.model.named_modules():
             if isinstance(module, NeuronSelectLayer):
-                for attr in ("neuron_select_delta", "neuron_select_bias_delta"):
+                for attr in module.adapter_layer_names:
                     for adapter in adapter_names:
                         if adapter in getattr(module, attr):
                             yield f"{name}.{attr}.{adapter}", getattr(module, attr)[adapter]
@@ -347,7 +373,7 @@ class NeuronSelectModel(UnsupportedPeftMethods, BaseTuner):
             deltas = (
                 (key.removeprefix("base_model.model."), value)
                 for key, value in to_save.items()
-                if ".neuron_select_delta" in key or ".neuron_select_bias_delta" in key
+                if any(f".{attr}." in key for attr in NeuronSelectLayer.adapter_layer_names)
             )
             _refuse_nonfinite(deltas, f"save adapter {adapter_name!r}")
         return to_save
@@ -364,6 +390,15 @@ class NeuronSelectModel(UnsupportedPeftMethods, BaseTuner):
         """What one adapter trains (layers, rows per module type and group, parameters, settings); see
         `neuron_peft.tuner.summary.selection_summary`. Used by the model card and the CLI."""
         return selection_summary(self, adapter_name)
+
+
+def _flatten_units(agnostic: list[int], specific: list[tuple[str, list[int]]]) -> tuple[list[int], list[int]]:
+    """Agnostic then each group's indices, with owner ids (-1 = agnostic, g = the g-th group of config.groups)."""
+    units, groups = list(agnostic), [-1] * len(agnostic)
+    for gid, (_group, group_units) in enumerate(specific):
+        units += group_units
+        groups += [gid] * len(group_units)
+    return units, groups
 
 
 def _out_features(base: nn.Module, name: str) -> int:

@@ -85,6 +85,7 @@ def card_block(summary: dict, config, adapter_id: str) -> str:
     per_type = "; ".join(
         f"`{kind}` {v['rows']} of {v['out_features']} rows ({_pct(v['rows'], v['out_features'])}) in {v['layers']} "
         f"layer{'s' if v['layers'] != 1 else ''}"
+        + (f", {v['columns']} of {v['in_features']} input columns" if v.get("columns") else "")
         for kind, v in s["module_types"].items()
     )
     if s["groups"]:
@@ -130,11 +131,24 @@ def card_block(summary: dict, config, adapter_id: str) -> str:
         f"- adapted layers: {s['layers']}; selected rows: {s['rows']} of their {total_rows} output rows "
         f"({_pct(s['rows'], total_rows)})",
         f"- selected rows per module type: {per_type or 'none'}",
+        *(
+            [
+                f"- selected input columns: {s['columns']} (a column trains one input channel's weights into every "
+                "output row not selected as a row)"
+                + (
+                    "; owned by groups: " + ", ".join(f"`{g}` {n}" for g, n in s["language_columns"].items() if n)
+                    if any(s.get("language_columns", {}).values())
+                    else ""
+                )
+            ]
+            if s.get("columns")
+            else []
+        ),
         f"- language groups: {groups}",
         f"- trainable parameters (PEFT's `get_nb_trainable_parameters()`, as `print_trainable_parameters()` prints: "
         f"parameters with `requires_grad` — row deltas, bias deltas when `train_bias`, `modules_to_save` copies — over "
         f"all parameters of the adapted model, adapters included): {trainable}",
-        f"- adapter parameters: {s['adapter_params']:,d} (row deltas and bias deltas of adapter `{s['adapter']}`)",
+        f"- adapter parameters: {s['adapter_params']:,d} (row, bias and column deltas of adapter `{s['adapter']}`)",
         f"- settings: {settings}",
         END,
     ]

@@ -137,15 +137,23 @@ class RouteState:
             self._ids[key] = self._sample_ids(adapter, device)[self.packed[rows].to(device)]
         return self._ids[key]
 
-    def mask_for(self, layer, adapter: str, batch: int, ndim: Optional[int] = None) -> Optional[torch.Tensor]:
-        """(samples, k) mask of which rows each sample may update, or None when every row sees every sample.
+    def mask_for(
+        self, layer, adapter: str, batch: int, ndim: Optional[int] = None, unit: str = "row"
+    ) -> Optional[torch.Tensor]:
+        """(samples, k) mask of which rows (``unit="column"``: columns) each sample may update, or None when every
+        unit sees every sample.
 
         ``batch`` is the layer input's leading size and ``ndim`` its number of dimensions: a 2-D input whose length
         is a packed-patch row count (see `set_packed`) gets one mask row per packed row.
         """
-        if not layer.has_specific_rows(adapter):
-            return None
-        row_groups = layer.neuron_select_row_groups[adapter]
+        if unit == "column":
+            if not layer.has_specific_columns(adapter):
+                return None
+            row_groups = layer.neuron_select_col_groups[adapter]
+        else:
+            if not layer.has_specific_rows(adapter):
+                return None
+            row_groups = layer.neuron_select_row_groups[adapter]
         if self.groups is None:
             if not self._warned_no_groups and torch.is_grad_enabled():
                 warnings.warn(
