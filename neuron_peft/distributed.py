@@ -7,6 +7,12 @@
   on sharded models the ranks step through the calibration batches in lockstep (`needs_lockstep`).
 * `gathered_parameters` gathers ZeRO-3 partitioned parameters for reading (weight-based ``neuron_init``), through
   PEFT's ``gather_params_ctx``.
+* ZeRO-3 fetches a module's own parameters before its forward, but a NeuronSelect layer reads its deltas from
+  ``nn.ParameterDict`` children that are never called. `register_zero3_external_parameters` registers every
+  parameter of the layer's adapter dicts (``adapter_layer_names``, whatever they hold) as an external parameter of
+  the layer; the adapted model's forward pre-hook calls it before each top-level forward once DeepSpeed is loaded,
+  so it also covers parameters partitioned after the adapter was made (``deepspeed.initialize``).
+  `full_adapter_tensors` gathers partitioned deltas for ``save_pretrained``.
 """
 
 from __future__ import annotations
@@ -97,7 +103,7 @@ def gathered_parameters(params: Iterable[torch.Tensor]):
     PEFT's ``gather_params_ctx`` (read-only: ``modifier_rank=None``), the helper PEFT's own tuners use. It gathers
     only when transformers' DeepSpeed integration reports ZeRO-3 (``is_deepspeed_zero3_enabled()``); partitioned
     parameters without it (DeepSpeed driven by hand) would be read as empty shards, so that case is an error.
-    Not tested with DeepSpeed here: it needs an accelerator this project's CI does not have.
+    Tested with DeepSpeed on the CPU (``tests/integrations/test_deepspeed.py`` saves through it).
     """
     from peft.utils.integrations import check_deepspeed_zero3_enabled, gather_params_ctx
 
@@ -119,3 +125,69 @@ def prepare_for_sharding(model: nn.Module) -> nn.Module:
     sharding. Rows are now swapped in only for the duration of a layer call, so the base weights always hold W0.
     """
     return model
+
+
+def _zero3_parameters(layer: nn.Module):
+    """Every parameter in the layer's adapter ParameterDicts (``adapter_layer_names``: deltas of any kind)."""
+    for attr in getattr(layer, "adapter_layer_names", ()):
+        container = getattr(layer, attr, None)
+        if isinstance(container, nn.ParameterDict):
+            yield from container.values()
+
+
+def register_zero3_external_parameters(layers: Iterable[nn.Module]) -> bool:
+    """Register, for DeepSpeed ZeRO-3, each layer's adapter parameters as external parameters of the layer, so the
+    layer's forward (and backward) gathers them; returns whether every adapter parameter is now partitioned and
+    registered (the caller can stop checking).
+
+    A no-op returning False when DeepSpeed is not imported (it is never imported here) or no parameter is
+    partitioned yet. Idempotent: DeepSpeed keys the registration by parameter identity.
+    """
+    import sys
+
+    deepspeed = sys.modules.get("deepspeed")
+    if deepspeed is None:
+        return False
+    register = getattr(getattr(deepspeed, "zero", None), "register_external_parameter", None)
+    if register is None:
+        return False
+    layers = list(layers)
+    first = next((p for layer in layers for p in _zero3_parameters(layer)), None)
+    if first is None or not hasattr(first, "ds_id"):
+        return False  # ZeRO-3 partitions every parameter at once: nothing is partitioned yet (the common case)
+    complete = True
+    for layer in layers:
+        for param in _zero3_parameters(layer):
+            if not hasattr(param, "ds_id"):
+                complete = False
+                continue
+            if id(param) not in getattr(layer, "_external_params", {}):
+                register(layer, param)
+    return complete
+
+
+def full_adapter_tensors(model: nn.Module, to_save: dict) -> dict:
+    """`to_save` (adapter state-dict entries) with ZeRO-3 partitioned parameters replaced by their full values.
+
+    Under ZeRO-3 ``state_dict()`` holds each partitioned parameter as an empty placeholder; saving that would write
+    (0,)-shaped deltas that cannot be loaded. The full values are gathered collectively (every rank must call
+    ``save_pretrained``, as transformers' Trainer does; pass ``is_main_process=rank == 0`` so one rank writes).
+    Entries that are not empty placeholders are returned unchanged. A placeholder with no partitioned parameter
+    behind it is an error, never an empty file.
+    """
+    empty = [k for k, v in to_save.items() if isinstance(v, torch.Tensor) and v.numel() == 0]
+    if not empty:
+        return to_save
+    # the keys are still the model's parameter names here (PEFT drops the adapter name after this step)
+    partitioned = {name: param for name, param in model.named_parameters() if hasattr(param, "ds_id")}
+    out = dict(to_save)
+    for key in empty:
+        param = partitioned.get(key)
+        if param is None:
+            raise RuntimeError(
+                f"NeuronSelect: refusing to save {key!r}: it is empty and no DeepSpeed ZeRO-3 parameter stands behind "
+                "it to gather its value from"
+            )
+        with gathered_parameters([param]):
+            out[key] = param.detach().clone().cpu()
+    return out

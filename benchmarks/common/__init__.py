@@ -10,6 +10,7 @@ one place:
   selection_value.py;
 * ``data``: the parallel pairs of every split (Bible verses or tiny fake pairs), their export and re-reading;
 * ``models``: base model and tokenizer loading, and the config pieces every method builder uses;
+* ``method_names``: quality.py's method names (the table presets list methods from);
 * ``methods``: quality.py's methods (zero-shot, full, LoRA/DoRA, NeuronSelect and its ablations), built on a copy;
 * ``matched``: selection_value.py's methods, every one at the trainable-weight budget of a Taylor selection;
 * ``training``: the training batches and the training run every translation method goes through, and

@@ -1,10 +1,11 @@
 """quality.py's methods: what each name trains, and how it is built on a copy of the pristine base.
 
-The names (``--methods``) and their learning-rate family are in `METHODS`; the quality runner's docstring says what
-each compares. Every NeuronSelect method (``ns-*``) is decided from one Taylor scoring pass on calibration pairs
-(`run_selection`): the layer ratios they need are re-decided from the same scores, so the ablations (agnostic rows
-only, specific rows only, random or largest-norm rows in the same layers and numbers) differ from ns-0.4 in nothing
-but what they ablate. interleaved_steps.py builds the same methods to time them step by step.
+The names (``--methods``) and their learning-rate family are in `METHODS` (defined in `method_names`); the
+quality runner's docstring says what each compares. Every NeuronSelect method (``ns-*``) is decided from one Taylor
+scoring pass on calibration pairs (`run_selection`): the layer ratios they need are re-decided from the same scores,
+so the ablations (agnostic rows only, specific rows only, random or largest-norm rows in the same layers and
+numbers) differ from ns-0.4 in nothing but what they ablate. interleaved_steps.py builds the same methods to time
+them step by step.
 """
 
 from __future__ import annotations
@@ -18,28 +19,11 @@ import torch
 from neuron_peft.data import calibration_batches
 
 from .data import by_group
+from .method_names import ALL_METHODS, METHODS, NS_RATIOS  # noqa: F401  (runners import them from here too)
 from .models import NEURON_KW, exact_regex, lora_config, rows_config
 
 if TYPE_CHECKING:
     from .preset import Preset
-
-# name -> (family for the LR grid, description)
-METHODS = {
-    "zero-shot": ("none", "base model, no training"),
-    "full": ("full", "full fine-tuning, all parameters"),
-    "lora-r8": ("lora", "LoRA r=8, all linear"),
-    "lora-r16": ("lora", "LoRA r=16, all linear"),
-    "dora-r16": ("lora", "DoRA r=16, all linear"),
-    "ns-0.4": ("neuron", "NeuronSelect, Taylor, layer ratio 0.4, routing"),
-    "ns-0.8": ("neuron", "NeuronSelect, Taylor, layer ratio 0.8, routing"),
-    "ns-0.4-agnostic": ("neuron", "ablation: ns-0.4 agnostic rows only"),
-    "ns-0.4-specific": ("neuron", "ablation: ns-0.4 language rows only, routing"),
-    "ns-all-layers": ("neuron", "ablation: Taylor, layer ratio 1.0, routing"),
-    "ns-0.4-random": ("neuron", "ablation: random rows, ns-0.4 budget, no routing"),
-    "ns-0.4-magnitude": ("neuron", "ablation: largest-norm rows, ns-0.4 budget, no routing"),
-}
-NS_RATIOS = {"ns-0.4": 0.4, "ns-0.8": 0.8, "ns-all-layers": 1.0}
-ALL_METHODS = tuple(METHODS)
 
 
 def neuron_config(method: str, selections: dict, base, p: Preset):

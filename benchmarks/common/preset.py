@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .methods import ALL_METHODS
+from .method_names import ALL_METHODS
 
 FORGET_LANGS = ("sw", "id")
 

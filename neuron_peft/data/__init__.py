@@ -2,7 +2,7 @@
 
 * `corpus.py` — `ParallelExample`, your own files (`load_parallel`) and the Bible verses (`bible_pairs`).
 * `prompts.py` — the MNAFT instructions (text translation, few-shot prefixes, the image tasks).
-* `collate.py` — tokenized features with loss on the answer only, `TranslationCollator`, calibration batches.
+* `collate.py` — tokenized features with loss on the answer only, `TranslationCollator`, `GroupsCollator`, calibration batches.
 * `images.py` — text rendered into images and image-translation datasets; `vlm_batches.py` — VLM inputs.
 * `char_tokenizer.py` — an in-memory character tokenizer for models built from a config.
 """
@@ -12,6 +12,7 @@ from .collate import (
     GROUP_COLUMNS,
     GROUPS_COLUMN,
     IGNORE_INDEX,
+    GroupsCollator,
     TranslationCollator,
     calibration_batches,
     encode_example,
@@ -51,6 +52,7 @@ __all__ = [
     "BIBLE_VERSIONS",
     "GROUPS_COLUMN",
     "GROUP_COLUMNS",
+    "GroupsCollator",
     "IGNORE_INDEX",
     "IMAGE_TRANSLATION_TEMPLATE",
     "LANGUAGE_NAMES",

@@ -2,8 +2,9 @@
 
 `encode_example` turns a `ParallelExample` into prompt + answer token ids with labels -100 everywhere but the answer
 and the sample's group in a ``neuron_groups`` column (the adapted model's keyword, which transformers' ``Trainer``
-keeps). `TranslationCollator` pads them into batches with each sample's group; `calibration_batches` builds the
-``{group: [batch]}`` the selection pass reads, `generation_prompts` the left-padded prompts ``generate`` reads.
+keeps). `TranslationCollator` pads them into batches with each sample's group; `GroupsCollator` adds the groups to
+any other collator's batches (TRL's, for one). `calibration_batches` builds the ``{group: [batch]}`` the selection
+pass reads, `generation_prompts` the left-padded prompts ``generate`` reads.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from transformers import DataCollatorForSeq2Seq
 
+from ..trainer_hints import missing_groups_hint
 from .corpus import ParallelExample
 from .prompts import TRANSLATION_TEMPLATE, few_shot_prefix, prompt_ids, translation_prompt
 
@@ -81,11 +83,8 @@ GROUPS_COLUMN = "neuron_groups"  # per-sample column name that Trainer keeps (th
 GROUP_COLUMNS = (GROUPS_COLUMN, "group")  # where a collator looks for a sample's group, in this order
 
 _MISSING_GROUPS = (
-    "the batch has no group for sample(s) {missing}: the features carry neither a 'neuron_groups' nor a 'group' "
-    "entry. transformers.Trainer with TrainingArguments(remove_unused_columns=True) (the default) drops dataset "
-    "columns the model's forward does not declare: name the column 'neuron_groups' (encode_example does; the "
-    "adapted model declares that keyword), or pass remove_unused_columns=False, or use "
-    "neuron_peft.training.NeuronSelectTrainer. To train shared rows only, build the collator with return_groups=False."
+    "the batch has no group for sample(s) {missing}: the features carry {keys}, neither a 'neuron_groups' nor a "
+    "'group' entry. {hint}. To train shared rows only, build the collator with return_groups=False."
 )
 
 
@@ -95,7 +94,8 @@ def feature_groups(features: Sequence[Mapping[str, Any]], known: Optional[Sequen
     names = [next((f[k] for k in GROUP_COLUMNS if f.get(k) is not None), None) for f in features]
     missing = [i for i, g in enumerate(names) if g is None]
     if missing:
-        raise ValueError(_MISSING_GROUPS.format(missing=missing[:8]))
+        keys = sorted(features[missing[0]].keys())
+        raise ValueError(_MISSING_GROUPS.format(missing=missing[:8], keys=keys, hint=missing_groups_hint()))
     if known is not None:
         unknown = sorted({g for g in names if g not in known}, key=str)
         if unknown:
@@ -162,6 +162,39 @@ class TranslationCollator(DataCollatorForSeq2Seq):
         if names is not None:
             batch[GROUPS_COLUMN] = names
         return batch
+
+
+class GroupsCollator:
+    """Wraps any data collator so the batch also carries ``neuron_groups``: each feature's group (its
+    ``neuron_groups`` or ``group`` entry) is taken out before the wrapped collator sees the features and put back
+    into the batch as a list, one name per sample.
+
+    For collators that know nothing of groups, e.g. TRL's ``DataCollatorForLanguageModeling`` (what ``SFTTrainer``
+    builds by default) or transformers' ``DataCollatorWithPadding``. The trainer must still keep the column
+    (``remove_unused_columns=False``); `neuron_peft.integrations.route_groups` does both for a built trainer. A
+    missing group is an error naming the trainer setting that dropped it; `groups`, when given, lists the groups
+    the adapter knows, so a typo fails here.
+    """
+
+    def __init__(self, collator, groups: Optional[Sequence[str]] = None):
+        if isinstance(collator, (GroupsCollator, TranslationCollator)):
+            raise TypeError(f"{type(collator).__name__} already returns neuron_groups; use it unwrapped")
+        self.collator = collator
+        self.groups = None if groups is None else set(groups)
+
+    def __call__(self, features: Sequence[Mapping[str, Any]], *args, **kwargs):
+        if not features:
+            raise ValueError("cannot collate an empty batch")
+        names = feature_groups(features, self.groups)
+        plain = [{k: v for k, v in f.items() if k not in GROUP_COLUMNS} for f in features]
+        batch = self.collator(plain, *args, **kwargs)
+        batch[GROUPS_COLUMN] = names
+        return batch
+
+    def __getattr__(self, name):  # the wrapped collator's settings (e.g. TRL reads ``pad_token_id``)
+        if name == "collator":
+            raise AttributeError(name)
+        return getattr(self.collator, name)
 
 
 def calibration_batches(

@@ -5,8 +5,9 @@ Routing needs one thing from the training stack: each batch's ``neuron_groups`` 
 ``transformers.Trainer`` with default arguments works: ``remove_unused_columns=True`` keeps the columns named like the
 forward parameters of ``peft_model.get_base_model()``, and the adapted model declares ``neuron_groups`` there
 (`neuron_peft.tuner.groups_keyword.ForwardWithGroups`); `neuron_peft.data.encode_example` names the column so.
-`NeuronSelectTrainer` additionally keeps datasets whose group column is called ``group``. Checkpoints hold the
-adapter only, because Trainer saves a PeftModel through ``save_pretrained``.
+`NeuronSelectTrainer` additionally keeps datasets whose group column is called ``group``. Trainers that keep only
+their own columns and collate without groups (TRL's ``SFTTrainer``) route after `route_groups(trainer)`.
+Checkpoints hold the adapter only, because Trainer saves a PeftModel through ``save_pretrained``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Callable, Optional
 import torch
 from transformers import Trainer, get_cosine_schedule_with_warmup
 
-from ..data.collate import IGNORE_INDEX
+from ..data.collate import IGNORE_INDEX, GroupsCollator, TranslationCollator
 
 
 class NeuronSelectTrainer(Trainer):
@@ -41,6 +42,30 @@ class NeuronSelectTrainer(Trainer):
             self.args.remove_unused_columns = False
         if getattr(self.args, "label_names", None) is None:
             self.args.label_names = ["labels"]
+
+
+def route_groups(trainer: Trainer) -> Trainer:
+    """Make a built trainer hand each batch's ``neuron_groups`` to the model; returns it. One call for any
+    `transformers.Trainer` subclass, TRL's ``SFTTrainer`` included::
+
+        trainer = SFTTrainer(model, args=SFTConfig(...), train_dataset=data, peft_config=NeuronSelectConfig(...))
+        route_groups(trainer).train()
+
+    It sets ``remove_unused_columns=False`` (TRL's SFTTrainer keeps only ``input_ids``, ``labels`` and
+    ``seq_lengths`` otherwise, whatever the model declares) and wraps the trainer's collator in
+    `neuron_peft.data.GroupsCollator` unless it already returns groups (`TranslationCollator`). Packing joins
+    samples, so per-sample groups cannot survive it: ``packing=True`` / ``padding_free=True`` are refused.
+    """
+    args = trainer.args
+    if getattr(args, "packing", False) or getattr(args, "padding_free", False):
+        raise ValueError(
+            f"route_groups: {type(args).__name__}(packing=True / padding_free=True) joins samples into one "
+            "sequence, so no per-sample neuron_groups can be routed; set packing=False and padding_free=False"
+        )
+    args.remove_unused_columns = False
+    if not isinstance(trainer.data_collator, (GroupsCollator, TranslationCollator)):
+        trainer.data_collator = GroupsCollator(trainer.data_collator)
+    return trainer
 
 
 def answer_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Union
+from typing import Protocol, Union
 
 from ..fileio import atomic_path
 
-if TYPE_CHECKING:
-    from .result import NeuronSelection
+
+class NeuronSelection(Protocol):
+    """What the plots read of a `neuron_peft.selection.result.NeuronSelection` (named here, not imported: the result
+    module imports this one, and imports flow one way)."""
+
+    layers: list
+    groups: list
+    layer_scores: object
+    kept_layers: list
+    layer_scoring: str
+    neurons: dict
+    language_neurons: dict
+
+    def neuron_variance(self) -> dict: ...
 
 
 def _figure(**kwargs):

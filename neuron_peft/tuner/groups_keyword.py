@@ -4,6 +4,9 @@ Two pieces, both installed on the adapted model by `NeuronSelectModel.inject_ada
 
 * `GroupsPreHook`, a forward pre-hook that takes ``neuron_groups`` out of every call (PeftModel's task classes,
   plain PeftModel, a transformers model that loaded the adapter with ``load_adapter``) and sets the route state.
+  While DeepSpeed is loaded it also registers the layers' adapter parameters with ZeRO-3 until all are
+  (`neuron_peft.distributed.register_zero3_external_parameters`): a layer reads its deltas from ParameterDicts
+  that ZeRO-3 would otherwise never gather.
 * `ForwardWithGroups`, an instance-level ``forward`` that lists ``neuron_groups`` in the signature, so code that
   inspects ``forward`` (transformers' ``Trainer`` column filter, ``generate``'s kwarg check) accepts it.
 
@@ -14,10 +17,13 @@ Neither needs a PEFT hook: PEFT's ``special_peft_forward_args`` is set per insta
 from __future__ import annotations
 
 import inspect
+import sys
 
 import torch
 
+from ..distributed import register_zero3_external_parameters
 from ..errors import RoutingError
+from .layer import NeuronSelectLayer
 from .routing import RouteState, route_state
 
 GROUPS_ARGUMENT = "neuron_groups"
@@ -32,8 +38,14 @@ class GroupsPreHook:
 
     def __init__(self, state: RouteState) -> None:
         self.state = state
+        self.zero3_done = False  # every adapter parameter is partitioned and registered with ZeRO-3
+        self.layers = None  # the model's NeuronSelect layers, found once (reset with zero3_done on a new adapter)
 
     def __call__(self, module, args, kwargs):
+        if not self.zero3_done and "deepspeed" in sys.modules:
+            if self.layers is None:
+                self.layers = [m for m in module.modules() if isinstance(m, NeuronSelectLayer)]
+            self.zero3_done = register_zero3_external_parameters(self.layers)
         groups = kwargs.pop(GROUPS_ARGUMENT, None)
         for fallback in (self.state.call_groups, self.state.context_groups):
             if groups is None:

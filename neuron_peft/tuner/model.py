@@ -22,7 +22,7 @@ from peft.utils import (
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..distributed import gathered_parameters
+from ..distributed import full_adapter_tensors, gathered_parameters
 from ..errors import AdapterMismatchError, NonFiniteDeltaError
 from .adapter_file import check_adapter_state_dict
 from .config import NeuronSelectConfig, _check_rows
@@ -166,8 +166,11 @@ class NeuronSelectModel(UnsupportedPeftMethods, BaseTuner):
         for module in model.modules():
             if isinstance(module, NeuronSelectLayer):
                 state.attach(module)
-        if not any(isinstance(h, GroupsPreHook) for h in model._forward_pre_hooks.values()):
+        hooks = [h for h in model._forward_pre_hooks.values() if isinstance(h, GroupsPreHook)]
+        if not hooks:
             model.register_forward_pre_hook(GroupsPreHook(state), with_kwargs=True)
+        for hook in hooks:
+            hook.zero3_done, hook.layers = False, None  # a new adapter's parameters need registering with ZeRO-3
         declare_groups_argument(model)  # Trainer keeps a `neuron_groups` column; generate accepts the keyword
 
     @staticmethod
@@ -368,6 +371,7 @@ class NeuronSelectModel(UnsupportedPeftMethods, BaseTuner):
         NaN/Inf deltas (`NonFiniteDeltaError`) unless the model is inside `allow_nonfinite`. It is also the one save
         step with the model at hand, so it keeps the adapter's summary for the model card (`model_card.take_summary`)."""
         to_save = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        to_save = full_adapter_tensors(model, to_save)  # ZeRO-3: gathered, never (0,)-shaped placeholders
         take_summary(model, config, adapter_name)  # for the model card, written when the config is saved
         if not _nonfinite_allowed(model):
             deltas = (

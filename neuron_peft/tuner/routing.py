@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from ..errors import RoutingError
+from ..trainer_hints import missing_groups_hint
 from .packed_patches import packed_patch_samples
 
 
@@ -68,11 +69,7 @@ class RouteState:
                 raise RoutingError("neuron_groups must be a sequence with one group name per sample, not a string")
             missing = [i for i, g in enumerate(groups) if g is None]
             if missing:
-                raise RoutingError(
-                    f"neuron_groups has no group for sample(s) {missing[:8]}; with transformers.Trainer, name the "
-                    "dataset's group column 'neuron_groups' (TrainingArguments(remove_unused_columns=True) drops "
-                    "other names) or set remove_unused_columns=False"
-                )
+                raise RoutingError(f"neuron_groups has no group for sample(s) {missing[:8]}; {missing_groups_hint()}")
             groups = [str(g) for g in groups]
             if not groups:
                 raise RoutingError("neuron_groups is empty; give one group name per sample")
@@ -158,7 +155,8 @@ class RouteState:
             if not self._warned_no_groups and torch.is_grad_enabled():
                 warnings.warn(
                     "NeuronSelect: a training batch came without neuron_groups, so only language-agnostic rows "
-                    "receive gradient (pass neuron_groups=[...] or use neuron_peft.route(model, groups)).",
+                    "receive gradient (pass neuron_groups=[...] or use neuron_peft.route(model, groups)). "
+                    + missing_groups_hint(),
                     stacklevel=3,
                 )
                 self._warned_no_groups = True
