@@ -50,14 +50,19 @@ def _suffixes(names: list[str]) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n in names})
 
 
-def check_unit(unit, layer_scoring: str) -> str:
+def check_unit(unit, layer_scoring: str, layers=None, readers=None) -> str:
     """A known unit; activation similarity compares layer *outputs* and ranks layers, not input channels, so only
-    ``unit="row"`` may use it. Checked before scoring and on every `NeuronSelection.decide`."""
+    ``unit="row"`` may use it. Checked before scoring and on every `NeuronSelection.decide` (which also passes its
+    layers and readers: an mlp_neuron selection needs the readers of every scored writer)."""
     if unit not in UNITS:
         raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
     if unit != "row" and layer_scoring == "activation_similarity":
         raise ValueError(f"unit={unit!r} scores input channels by Taylor importance; layer_scoring="
                          "'activation_similarity' compares layer outputs and works with unit='row' only")  # fmt: skip
+    missing = [n for n in layers or [] if not (readers or {}).get(n)] if unit == "mlp_neuron" else []
+    if missing:
+        raise ValueError(f"unit='mlp_neuron': no readers recorded for {missing[:3]} (readers={{writer: {{reader: "
+                         "in_features}}}} is required)")  # fmt: skip
     return unit
 
 

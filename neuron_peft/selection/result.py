@@ -129,9 +129,8 @@ class NeuronSelection:
     def chosen_units(self) -> tuple[dict[str, list[int]], dict[str, dict[str, list[int]]]]:
         """(agnostic ``{layer: [unit]}``, specific ``{group: {layer: [unit]}}``) keyed by scored layer: the rows for
         ``unit="row"``, else the columns (an MLP neuron's j is its writer's column)."""
-        if self.unit == "row":
-            return self.neurons, self.language_neurons
-        return self.columns, self.language_columns
+        rows = self.unit == "row"
+        return (self.neurons, self.language_neurons) if rows else (self.columns, self.language_columns)
 
     def trained_weights(self) -> int:
         """Weight entries the selection trains: every chosen unit (agnostic or specific) times its weights (a row:
@@ -148,7 +147,7 @@ class NeuronSelection:
                                      ("group_normalization", self.group_normalization, GROUP_NORMALIZATIONS)):  # fmt: skip
             _check_choice(name, value, choices)
         _check_row_selection(self.row_selection, self.layer_scoring)
-        check_unit(self.unit, self.layer_scoring)
+        check_unit(self.unit, self.layer_scoring, self.layers, self.readers)
         importance = {name: s.mean(dim=0) for name, s in norm.items()}  # (out,) mean over groups
         order = {name: torch.sort(v, descending=True, stable=True).indices for name, v in importance.items()}
         if self.row_selection == "layers":
@@ -196,8 +195,7 @@ class NeuronSelection:
         chosen = self._choose_rows(norm)
         self.kept_layers = [n for n in self.layers if n in chosen]
         single = len(self.groups) == 1
-        agnostic: dict[str, list[int]] = {}
-        language: dict[str, dict[str, list[int]]] = {g: {} for g in self.groups}
+        agnostic, language = {}, {g: {} for g in self.groups}  # {layer: [unit]}, {group: {layer: [unit]}}
         for name in self.kept_layers:
             s = norm[name]  # (G, out)
             top = chosen[name]

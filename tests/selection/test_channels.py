@@ -13,11 +13,13 @@ import json
 import pytest
 import torch
 from testing_utils import calibration, make_batch
-from tiny_models import tiny_gpt2, tiny_llama, tiny_t5
+from tiny_models import tiny_gemma3, tiny_gpt2, tiny_llama, tiny_qwen2, tiny_t5
 from torch import nn
+from transformers import LlamaForCausalLM
 
-from neuron_peft import NeuronSelectConfig
-from neuron_peft.selection import UNITS, NeuronSelection, select_neurons
+from neuron_peft import AdapterMismatchError, NeuronSelectConfig
+from neuron_peft.selection import UNITS, NeuronSelection, resolve_target_modules, select_neurons
+from neuron_peft.selection.channels import unit_layers
 
 HAS_COLUMNS = "columns" in {f.name for f in dataclasses.fields(NeuronSelectConfig)}
 needs_column_tuner = pytest.mark.skipif(
@@ -125,6 +127,27 @@ def test_mlp_neuron_trains_the_same_j_in_readers_and_writer(arch):
     assert sel.trained_weights() == n_units * per_neuron
 
 
+def tiny_mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    return MistralForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("make", [tiny_gemma3, tiny_qwen2, tiny_mistral], ids=["gemma3", "qwen2", "mistral"])
+def test_blocks_found_by_name_in_gemma_qwen_mistral(make):
+    """The Llama-style names hold in Gemma 3, Qwen2 and Mistral: o_proj/down_proj are the output projections, and
+    every down_proj has gate_proj and up_proj (64 outputs = down_proj's 64 inputs) beside it."""
+    names = resolve_target_modules(make(), "all-linear")
+    layers, readers = unit_layers(make(), names, "channel")
+    assert layers == PROJECTIONS["llama"] and readers == {}
+    layers, readers = unit_layers(make(), names, "mlp_neuron")
+    assert {w: list(r) for w, r in readers.items()} == READERS["llama"] and layers == list(READERS["llama"])
+    assert all(r == {n: 32 for n in rs} for rs, r in zip(READERS["llama"].values(), readers.values()))
+
+
 # ---------------------------------------------------------------------------------------------------- decision
 O0 = "model.layers.0.self_attn.o_proj"
 # each group's scores average 1 over the layer's channels, so the group normalisation leaves them as they are
@@ -186,6 +209,9 @@ def test_unit_validation():
     sel.unit = "head"
     with pytest.raises(ValueError, match="unit must be one of"):
         sel.decide()
+    sel.unit = "mlp_neuron"  # an MLP-neuron decision without the readers of its writer
+    with pytest.raises(ValueError, match="no readers recorded"):
+        sel.decide()
     assert UNITS == ("row", "channel", "mlp_neuron")
 
 
@@ -232,6 +258,10 @@ def test_save_load_roundtrip_keeps_the_unit(tmp_path, unit):
         assert getattr(back, f) == getattr(sel, f), f
     assert all(torch.equal(back.neuron_scores[n], sel.neuron_scores[n]) for n in sel.layers)
     assert back.config_kwargs(model) == sel.config_kwargs(model)
+    narrow = LlamaForCausalLM(model.config.__class__(**{**model.config.to_dict(), "intermediate_size": 48}))
+    # channel: down_proj has its 32 rows but 48 input channels; mlp_neuron: gate_proj (checked first) has 48 rows
+    with pytest.raises(AdapterMismatchError, match="64 input channels" if unit == "channel" else "64 output rows"):
+        back.check_model(narrow)
     back.decide()  # re-deciding from the loaded scores gives the same units
     assert (back.columns, back.language_columns, back.neurons) == (sel.columns, sel.language_columns, sel.neurons)
     assert f"unit {unit!r}" in back.summary() and "spec:fr" in back.summary()
