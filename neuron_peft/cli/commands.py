@@ -88,7 +88,7 @@ def run_select(args, model=None, tokenizer=None):
     selection = select_neurons(
         model, calibration, target_modules=_targets(args.target_modules), layer_ratio=layer_ratio,
         neuron_ratio=args.neuron_ratio, specific_ratio=args.specific_ratio, progress=True,
-        row_selection=args.row_selection, score_normalization=args.score_normalization,
+        row_selection=args.row_selection, score_normalization=args.score_normalization, unit=args.unit,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     plots = []

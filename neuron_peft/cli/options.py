@@ -14,6 +14,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from .. import __version__
+from ..selection.channels import UNITS
 from ..selection.ranking import ROW_SELECTIONS, SCORE_NORMALIZATIONS
 from .checks import device_of
 
@@ -214,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--score-normalization", default="none", choices=SCORE_NORMALIZATIONS, help="compare "
                        "Taylor scores raw, or z-scored / rank-normalised within each module type (q/k/v/o/gate/up/"
                        "down), so layer and row rankings are scale-free")  # fmt: skip
+        p.add_argument("--unit", default="row", choices=UNITS, help="what is selected: 'row', output rows of every "
+                       "scored layer; 'channel', input columns of the output projections (o_proj, down_proj, GPT-2 "
+                       "c_proj); 'mlp_neuron', MLP neuron j = gate/up_proj row j + down_proj column j (GPT-2: c_fc "
+                       "row j + c_proj column j)")  # fmt: skip
         p.add_argument("--n-calib", type=_positive, default=16, help="calibration examples per language")
 
     def train_args(p):

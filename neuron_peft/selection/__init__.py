@@ -31,14 +31,20 @@ Conventions (documented here because they change the numbers):
   of every layer (``"per_layer"``) or one global ranking under a weight budget (``"global"``, ``weight_ratio``).
   ``row_selection="layers"`` is the MNAFT ranking above; the default is ``"per_layer"`` (``"layers"`` with
   activation similarity), chosen by dev NLL in ``benchmarks/selection_value.py``, which measures the alternatives.
+* Units (``unit=``). ``"row"`` (default) selects output rows as above; ``"channel"`` selects input columns of the
+  output projections (o_proj, down_proj, GPT-2 c_proj) scored by ``|x_j * dL/dx_j|`` of their inputs, and
+  ``"mlp_neuron"`` whole MLP neurons (gate/up row j + down column j). Same tokens, normalisation, split and budgets
+  (see `channels.py`).
 
 Modules: `calibration.py` (`select_neurons`, the pass over calibration data), `scoring.py` (Taylor importance and
-activation similarity per neuron and group), `ranking.py` (choices, ratios, normalisation within module types),
-`result.py` (`NeuronSelection`: the decision, ``to_config``, save / load), `targets.py` (target matching, model
-parts, module types), `vlm.py` (per-part targets and budgets of vision-language models), `plots.py`.
+activation similarity per neuron and group), `channels.py` (units: output projections, MLP blocks, unit sizes),
+`ranking.py` (choices, ratios, normalisation within module types), `result.py` (`NeuronSelection`: the decision,
+``to_config``, save / load), `targets.py` (target matching, model parts, module types), `vlm.py` (per-part targets
+and budgets of vision-language models), `plots.py`.
 """
 
 from .calibration import select_neurons
+from .channels import MLP_BLOCKS, OUTPUT_PROJECTIONS, UNITS
 from .ranking import GROUP_NORMALIZATIONS, ROW_SELECTIONS, SCORE_NORMALIZATIONS
 from .result import NeuronSelection
 from .scoring import LAYER_SCORINGS, TOKEN_REDUCTIONS, measure_scoring_cost
@@ -48,10 +54,13 @@ from .vlm import flatten_targets, select_vlm_neurons, vlm_part_roots, vlm_target
 __all__ = [
     "GROUP_NORMALIZATIONS",
     "LAYER_SCORINGS",
+    "MLP_BLOCKS",
+    "OUTPUT_PROJECTIONS",
     "PARTS",
     "ROW_SELECTIONS",
     "SCORE_NORMALIZATIONS",
     "TOKEN_REDUCTIONS",
+    "UNITS",
     "NeuronSelection",
     "flatten_targets",
     "measure_scoring_cost",

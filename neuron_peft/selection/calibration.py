@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..distributed import all_reduce_sum, is_distributed, needs_lockstep, rank
+from .channels import check_unit, unit_layers
 from .ranking import (
     GROUP_NORMALIZATIONS,
     SCORE_NORMALIZATIONS,
@@ -53,6 +54,7 @@ def select_neurons(
     weight_ratio: Optional[float] = None,
     token_reduction: str = "mean",
     group_normalization: str = "mean",
+    unit: str = "row",
 ) -> NeuronSelection:
     """Score neurons on calibration data and choose layers, agnostic rows and language-specific rows.
 
@@ -100,6 +102,13 @@ def select_neurons(
         group_normalization: ``"mean"`` (default) divides each group's scores by that group's mean over all
             targeted neurons before the importance mean and the variance split, so a language with a larger loss
             (or more tokens) does not own every specific row; ``"none"`` uses raw scores.
+        unit: what is selected (`neuron_peft.selection.channels`). ``"row"`` (default): output rows of every
+            targeted layer. ``"channel"``: input columns of the output projections among the targeted layers
+            (``o_proj``, ``down_proj``, GPT-2 ``c_proj``), scored by ``|x_j * dL/dx_j|`` of the layer input.
+            ``"mlp_neuron"``: MLP blocks only; neuron j (scored as its writer's input channel j) trains
+            ``gate_proj`` / ``up_proj`` row j and ``down_proj`` column j (GPT-2: ``c_fc`` row j, ``c_proj`` column
+            j). The split, owners and budgets treat a unit as a row (a column costs ``out_features`` weights, an MLP
+            neuron its column plus its reader rows); both need ``layer_scoring="taylor"``.
     """
     _check_choice("score_normalization", score_normalization, SCORE_NORMALIZATIONS)
     _check_choice("layer_scoring", layer_scoring, LAYER_SCORINGS)
@@ -108,6 +117,7 @@ def select_neurons(
     _check_row_selection(row_selection, layer_scoring)
     _check_choice("token_reduction", token_reduction, TOKEN_REDUCTIONS)
     _check_choice("group_normalization", group_normalization, GROUP_NORMALIZATIONS)
+    check_unit(unit, layer_scoring)
     if weight_ratio is not None:
         weight_ratio = _check_ratio("weight_ratio", weight_ratio)
         if row_selection == "layers":
@@ -119,12 +129,12 @@ def select_neurons(
         raise ValueError("reference_model is only used with layer_scoring='activation_similarity'")
     neuron_ratio = _check_ratio("neuron_ratio", neuron_ratio)
     specific_ratio = _check_ratio("specific_ratio", specific_ratio, allow_zero=True)
-    names = resolve_target_modules(model, target_modules)
+    names, readers = unit_layers(model, resolve_target_modules(model, target_modules), unit)
     parts = [model_part(n) for n in names]
     ratios = _layer_ratios(layer_ratio, sorted(set(parts), key=PARTS.index))
     groups = _iter_groups(calibration)
 
-    scorer = _Scorer(model, names, [g for g, _ in groups], reference_model)
+    scorer = _Scorer(model, names, [g for g, _ in groups], reference_model, inputs=unit != "row")
     # sharded models gather parameters collectively in forward and backward: every rank must run the same passes
     scorer.lockstep = needs_lockstep(model) or (reference_model is not None and needs_lockstep(reference_model))
     progress = progress and rank() == 0
@@ -181,6 +191,8 @@ def select_neurons(
         weight_ratio=weight_ratio,
         token_reduction=token_reduction,
         group_normalization=group_normalization,
+        unit=unit,
+        readers=readers,
     )
     selection.decide()
     return selection

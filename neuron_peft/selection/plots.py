@@ -55,23 +55,25 @@ def plot_layer_heatmap(selection: NeuronSelection, path: Union[str, os.PathLike]
 
 
 def plot_neuron_variance(selection: NeuronSelection, path: Union[str, os.PathLike]) -> None:
-    """Per kept layer, the trained rows' variance across groups, sorted descending (log y); dots mark the specific cut."""
+    """Per kept layer, the trained units' variance across groups, sorted descending (log y); dots mark the specific
+    cut."""
     import torch
 
     variance = selection.neuron_variance()
     fig = _figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
+    agnostic, language = selection.chosen_units()  # rows, or columns for the column units
     for name in selection.kept_layers:
-        rows = list(selection.neurons.get(name, []))
-        rows += [r for g in selection.language_neurons.values() for r in g.get(name, [])]
+        rows = list(agnostic.get(name, []))
+        rows += [r for g in language.values() for r in g.get(name, [])]
         v = torch.sort(variance[name][rows], descending=True).values.numpy()
         x = torch.linspace(0, 1, len(v)).numpy()
         (line,) = ax.plot(x, v + 1e-12, lw=1, label=name)
-        n_spec = sum(len(r.get(name, [])) for r in selection.language_neurons.values())
+        n_spec = sum(len(r.get(name, [])) for r in language.values())
         if 0 < n_spec <= len(v):
             ax.plot([x[n_spec - 1]], [v[n_spec - 1] + 1e-12], "o", ms=3, color=line.get_color())
     ax.set_yscale("log")
-    ax.set_xlabel("rank among the layer's trained rows (fraction)")
+    ax.set_xlabel(f"rank among the layer's trained {'rows' if selection.unit == 'row' else 'units'} (fraction)")
     ax.set_ylabel("variance of normalised score across groups")
     ax.set_title("neuron variance per kept layer (dot = last language-specific row)")
     if len(selection.kept_layers) <= 12:

@@ -1,6 +1,7 @@
-"""Scoring: first-order Taylor importance ``|a * dL/da|`` of every output neuron per group, and activation
-similarity to a reference model, accumulated over calibration batches by hooks on the targeted layers
-(`_Scorer`); also `measure_scoring_cost`. The conventions are in `neuron_peft.selection`'s docstring."""
+"""Scoring: first-order Taylor importance ``|a * dL/da|`` of every output neuron per group (or, for the channel
+units of `channels.py`, ``|x * dL/dx|`` of every input channel), and activation similarity to a reference model,
+accumulated over calibration batches by hooks on the targeted layers (`_Scorer`); also `measure_scoring_cost`. The
+conventions are in `neuron_peft.selection`'s docstring."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..distributed import all_reduce_max, all_reduce_sum
 from ..errors import AdapterMismatchError
-from .targets import _linear_out, model_part, resolve_target_modules
+from .targets import _linear_in, _linear_out, model_part, resolve_target_modules
 
 LAYER_SCORINGS = ("taylor", "activation_similarity")
 TOKEN_REDUCTIONS = ("mean", "sum")
@@ -82,16 +83,24 @@ class _Frozen:
 
 
 class _Scorer:
-    """Hooks on the targeted layers; `step(batch)` adds one batch's Taylor (and similarity) sums to a group."""
+    """Hooks on the targeted layers; `step(batch)` adds one batch's Taylor (and similarity) sums to a group.
 
-    def __init__(self, model, names, groups, reference=None):
+    ``inputs=True`` scores each layer's input channels instead of its outputs: a forward pre-hook hands the layer
+    a fresh view of its input that only this layer reads, so ``dL/dx`` is the gradient through this layer alone
+    (an input shared with other layers, such as the hidden state q/k/v all read, would otherwise get their sum)."""
+
+    def __init__(self, model, names, groups, reference=None, inputs=False):
         self.model, self.names, self.groups, self.reference = model, names, groups, reference
         self.per_token = [model_part(n) == "language" for n in names]  # vision/projector: every patch counts
         modules = dict(model.named_modules())
         self.modules = [modules[n] for n in names]
         self.out_features = [_linear_out(m) for m in self.modules]
+        if inputs and reference is not None:
+            raise ValueError("activation similarity compares layer outputs; input channels have no reference score")
+        self.inputs = inputs
+        widths = [_linear_in(m) for m in self.modules] if inputs else self.out_features
         n_groups = len(groups)
-        self.taylor = [torch.zeros(n_groups, n, dtype=torch.float32) for n in self.out_features]
+        self.taylor = [torch.zeros(n_groups, n, dtype=torch.float32) for n in widths]
         self.counts = torch.zeros(len(names), n_groups, dtype=torch.float64)  # counted positions per layer
         self.cos_sum = torch.zeros(len(names), n_groups, dtype=torch.float64)
         self.loss_tokens = [0] * n_groups
@@ -107,7 +116,10 @@ class _Scorer:
 
     def __enter__(self):
         for i, m in enumerate(self.modules):
-            self._handles.append(m.register_forward_hook(self._make_hook(i)))
+            if self.inputs:
+                self._handles.append(m.register_forward_pre_hook(self._make_input_hook(i)))
+            else:
+                self._handles.append(m.register_forward_hook(self._make_hook(i)))
         if self.reference is not None:
             for i, m in enumerate(self.ref_modules):
                 self._handles.append(m.register_forward_hook(self._make_ref_hook(i)))
@@ -144,6 +156,18 @@ class _Scorer:
                 out = out.detach().requires_grad_(True)
             self._outs[i].append(out)
             return out
+
+        return hook
+
+    def _make_input_hook(self, i):
+        def hook(module, args):
+            if not args or not torch.is_tensor(args[0]):
+                raise TypeError(f"layer {self.names[i]!r} was called without a tensor input to score")
+            x = args[0]
+            # a view only this layer reads (see the class docstring); a leaf when nothing upstream needs grad
+            x = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+            self._outs[i].append(x)
+            return (x, *args[1:])
 
         return hook
 

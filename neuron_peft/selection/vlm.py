@@ -117,9 +117,12 @@ def select_vlm_neurons(
     specific_parts = () if specific_parts is None else _parts_arg(specific_parts) if specific_parts else ()
     selection = select_neurons(model, calibration, target_modules=flatten_targets(targets), layer_ratio=layer_ratio,
                                **kwargs)  # fmt: skip
-    for group, rows in list(selection.language_neurons.items()):
-        for name in [n for n in rows if model_part(n) not in specific_parts]:
-            selection.neurons[name] = sorted(selection.neurons.get(name, []) + rows.pop(name))
-        if not rows:
-            del selection.language_neurons[group]
+    # rows and (unit="channel" / "mlp_neuron") columns alike
+    for agnostic, language in ((selection.neurons, selection.language_neurons),
+                               (selection.columns, selection.language_columns)):  # fmt: skip
+        for group, rows in list(language.items()):
+            for name in [n for n in rows if model_part(n) not in specific_parts]:
+                agnostic[name] = sorted(agnostic.get(name, []) + rows.pop(name))
+            if not rows:
+                del language[group]
     return selection

@@ -139,3 +139,23 @@ def test_select_ranking_options_reach_select_neurons(files, tmp_path):
     default = NeuronSelection.load(tmp_path / "default")
     assert (default.row_selection, len(default.kept_layers), layers.row_selection) == ("per_layer", 14, "layers")
     assert run_cli([*common, "--row-selection", "sideways", "--out", tmp_path / "bad"]) == 2
+
+
+def test_select_unit_reaches_select_neurons(files, tmp_path):
+    """--unit is select_neurons' unit: 'channel' scores only the output projections (o_proj, down_proj of the
+    2-layer model) and saves columns; 'mlp_neuron' saves gate/up rows with the same j as the down_proj columns; the
+    default stays 'row'; an unknown unit is an argparse error (exit 2)."""
+    from neuron_peft import NeuronSelection
+
+    common = ["select", "--model", files / "model", "--data", files / "corpus.jsonl", "--n-calib", "2",
+              "--threads", "1"]  # fmt: skip
+    assert run_cli([*common, "--unit", "channel", "--out", tmp_path / "channel"]) == 0
+    assert run_cli([*common, "--unit", "mlp_neuron", "--out", tmp_path / "mlp"]) == 0
+    channel, mlp = NeuronSelection.load(tmp_path / "channel"), NeuronSelection.load(tmp_path / "mlp")
+    assert channel.unit == "channel" and channel.neurons == {}
+    assert [n.split(".", 3)[-1] for n in channel.layers] == ["self_attn.o_proj", "mlp.down_proj"] * 2
+    assert set(channel.columns) | {n for c in channel.language_columns.values() for n in c} == set(channel.layers)
+    down = "model.layers.0.mlp.down_proj"
+    assert mlp.unit == "mlp_neuron" and mlp.neurons["model.layers.0.mlp.gate_proj"] == mlp.columns[down]
+    assert cli.build_parser().parse_args(["select"]).unit == "row"
+    assert run_cli([*common, "--unit", "sideways", "--out", tmp_path / "bad"]) == 2
