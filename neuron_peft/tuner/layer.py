@@ -29,12 +29,11 @@ Forward paths (see `autograd.py`):
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -42,6 +41,8 @@ from transformers.pytorch_utils import Conv1D
 from .autograd import AddRowDelta, DenseDeltaLinear, LiveRowsLinear, RowDeltaLinear
 from .column_autograd import AddColumnDelta, LiveUnitsLinear, UnitsDeltaLinear, full_columns
 from .config import _check_rows
+from .merging import Merging
+from .offload import OffloadedDeltas
 
 
 def linear_features(module: nn.Module) -> Optional[tuple[int, int]]:
@@ -65,7 +66,7 @@ def mark_adapter_updated() -> None:
     """
 
 
-class NeuronSelectLayer(BaseTunerLayer):
+class NeuronSelectLayer(Merging, OffloadedDeltas, BaseTunerLayer):
     adapter_layer_names = ("neuron_select_delta", "neuron_select_bias_delta", "neuron_select_col_delta")
     other_param_names = (
         "neuron_select_indices",
@@ -233,115 +234,6 @@ class NeuronSelectLayer(BaseTunerLayer):
             cache[adapter_name] = (key, torch.equal(rows.cpu(), torch.arange(self.out_features)))
         return None if cache[adapter_name][1] else rows
 
-    # ------------------------------------------------------------------ weights
-    def _read_rows(self, weight: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
-        """Selected rows of W as a (k, in) tensor (a copy)."""
-        w = weight.t() if self.fan_in_fan_out else weight
-        return w.clone() if rows is None else w.index_select(0, rows)
-
-    def _write_rows(self, weight: torch.Tensor, rows: Optional[torch.Tensor], values: torch.Tensor) -> None:
-        values = values.to(weight.dtype)
-        if rows is None:
-            weight.copy_(values.t() if self.fan_in_fan_out else values)
-        elif self.fan_in_fan_out:
-            weight.index_copy_(1, rows, values.t())
-        else:
-            weight.index_copy_(0, rows, values)
-
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """Dense delta in the base weight's layout (for inspection and PEFT utilities; merging uses rows)."""
-        rows = self.neuron_select_indices[adapter_name]
-        delta = self.neuron_select_delta[adapter_name]
-        dense = torch.zeros(self.out_features, self.in_features, device=delta.device, dtype=delta.dtype)
-        dense.index_copy_(0, rows, delta.detach())
-        if adapter_name in self.neuron_select_col_delta:
-            full = self._full_columns(adapter_name, self.neuron_select_col_delta[adapter_name].detach())
-            dense.index_add_(1, self.neuron_select_col_indices[adapter_name], full.to(dense.dtype))
-        return dense.t() if self.fan_in_fan_out else dense
-
-    def _apply_delta(self, adapter_name: str, sign: float, safe: bool = False) -> None:
-        base = self.get_base_layer()
-        rows = self._dense_rows(adapter_name)
-        delta = self.neuron_select_delta[adapter_name].detach()
-        bias_delta = (
-            self.neuron_select_bias_delta[adapter_name].detach()
-            if adapter_name in self.neuron_select_bias_delta
-            else None
-        )
-        backend = self.quantization_backend
-        if backend is not None and not backend.supports_merge:
-            raise TypeError(
-                f"NeuronSelect cannot merge into a {backend.backend_name or type(base).__name__} quantized base layer "
-                "(the backend cannot dequantize and re-quantize); keep the adapter unmerged (the additive path serves "
-                "it) or merge on an unquantized copy of the base model"
-            )
-        if backend is None and (hasattr(base.weight, "ds_id") or type(base.weight.data) is not torch.Tensor):
-            raise NotImplementedError(
-                f"NeuronSelect cannot merge into a sharded base weight ({type(base.weight.data).__name__}); save the "
-                "adapter and merge it into an unsharded copy of the base model"
-            )
-        with torch.no_grad():
-            if backend is not None:
-                weight = self.get_base_weight().clone()  # dequantized
-            else:
-                weight = base.weight.data
-            cur = self._read_rows(weight, rows)
-            new_w = (cur.float() + sign * delta.float().to(cur.device)).to(cur.dtype)
-            new_c = None
-            if adapter_name in self.neuron_select_col_delta:
-                cols = self.neuron_select_col_indices[adapter_name]
-                full = self._full_columns(adapter_name, self.neuron_select_col_delta[adapter_name].detach())
-                new_c = (cols, full.float() * sign)
-            new_b = None
-            if bias_delta is not None:
-                bidx = slice(None) if rows is None else rows
-                new_b = (base.bias.data[bidx].float() + sign * bias_delta.float().to(base.bias.device)).to(
-                    base.bias.dtype
-                )
-            finite = torch.isfinite(new_w).all() and (new_b is None or torch.isfinite(new_b).all())
-            if new_c is not None:
-                w_cols = weight.t() if self.fan_in_fan_out else weight
-                finite = finite and torch.isfinite(w_cols.index_select(1, new_c[0]).float() + new_c[1]).all()
-            if safe and not finite:
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
-            self._write_rows(weight, rows, new_w)
-            if new_c is not None:  # after the rows: the column delta is zero on row-owned entries
-                w = weight.t() if self.fan_in_fan_out else weight
-                cols, full = new_c
-                cur_c = w.index_select(1, cols)
-                w.index_copy_(1, cols, (cur_c.float() + full.to(cur_c.device)).to(cur_c.dtype))
-            if backend is not None:
-                self.set_base_weight(weight)  # re-quantizes the whole weight
-                warnings.warn(
-                    "NeuronSelect: merging into (or unmerging from) a quantized base layer dequantizes the weight, "
-                    "changes the selected rows and re-quantizes it, so the result is exact only up to quantization "
-                    "rounding (rows sharing quantization blocks with the selected ones can move too)",
-                    stacklevel=3,
-                )
-            if new_b is not None:
-                if rows is None:
-                    base.bias.data.copy_(new_b)
-                else:
-                    base.bias.data.index_copy_(0, rows, new_b)
-
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        if not adapter_names:
-            return
-        for name in adapter_names:
-            if name in self.neuron_select_delta:
-                self._apply_delta(name, +1.0, safe=safe_merge)
-                self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
-            return
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name in self.neuron_select_delta:
-                self._apply_delta(name, -1.0)
-
     # ------------------------------------------------------------------ live rows
     def _live_allowed(self) -> bool:
         """Whether the rows may be swapped into the base weight for a call: a plain, frozen, unshared weight that no
@@ -363,37 +255,6 @@ class NeuronSelectLayer(BaseTunerLayer):
             return False  # e.g. accelerate offloading: the base forward must run
         return True
 
-    def _adapter_tensors(self, adapter_name: str):
-        """(delta, bias_delta) ready for compute: deltas that accelerate offloaded to the meta device are loaded
-        through the hook accelerate attached to their ParameterDict (accelerate only loads weights for modules whose
-        forward runs, and a ParameterDict has none)."""
-        delta = self._fast["deltas"][adapter_name]
-        bias_delta = self._fast["bias_deltas"].get(adapter_name)
-        if delta.device.type != "meta":
-            return delta, bias_delta
-        _refuse_offloaded_training(delta)
-        return (
-            _load_offloaded(self.neuron_select_delta, adapter_name),
-            None if bias_delta is None else _load_offloaded(self.neuron_select_bias_delta, adapter_name),
-        )
-
-    def _adapter_col_tensor(self, adapter_name: str) -> torch.Tensor:
-        """The column delta ready for compute (loaded through accelerate's hook when offloaded, as above)."""
-        col_delta = self._fast["col_deltas"][adapter_name]
-        if col_delta.device.type != "meta":
-            return col_delta
-        _refuse_offloaded_training(col_delta)
-        return _load_offloaded(self.neuron_select_col_delta, adapter_name)
-
-
-def _refuse_offloaded_training(delta: torch.Tensor) -> None:
-    if torch.is_grad_enabled() and delta.requires_grad:
-        raise RuntimeError(
-            "NeuronSelect: this layer's adapter weights are offloaded to the meta device (accelerate cpu/disk "
-            "offload or a device_map with offloaded layers), so they cannot receive gradients; train with the "
-            "adapter on a real device, or run inference under torch.no_grad()"
-        )
-
 
 def _as_index_tensor(where: str, indices, unit: str) -> torch.Tensor:
     """Row or column indices as an int64 tensor; floats, booleans and negatives are refused with the value given,
@@ -401,21 +262,6 @@ def _as_index_tensor(where: str, indices, unit: str) -> torch.Tensor:
     if isinstance(indices, torch.Tensor) and not (indices.is_floating_point() or indices.dtype == torch.bool):
         indices = indices.flatten().tolist()
     return torch.tensor(_check_rows(where, indices, unit), dtype=torch.long)
-
-
-def _load_offloaded(params: nn.ParameterDict, name: str) -> torch.Tensor:
-    """The value of an offloaded parameter from accelerate's weights map, on the hook's execution device."""
-    hook = getattr(params, "_hf_hook", None)
-    hooks = getattr(hook, "hooks", (hook,))  # a SequentialHook holds several
-    for h in hooks:
-        weights_map = getattr(h, "weights_map", None)
-        if weights_map is not None and name in weights_map:
-            device = getattr(h, "execution_device", None)
-            return weights_map[name].to(device if device is not None else "cpu")
-    raise RuntimeError(
-        f"NeuronSelect: adapter weight {name!r} is on the meta device and no accelerate offload hook holds its "
-        "value; load the adapter onto a real device (or dispatch the model after loading the adapter)"
-    )
 
 
 class Linear(nn.Module, NeuronSelectLayer):
