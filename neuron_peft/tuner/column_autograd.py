@@ -104,6 +104,7 @@ def _remember(ctx, x, delta, bias_delta, col_delta, rows, fan_in_fan_out) -> Non
     _remember_dtypes(ctx, x, delta, bias_delta)
     ctx.col_dtype = col_delta.dtype
     ctx.has_rows = rows.numel() > 0
+    ctx.in_features = x.shape[-1]
     ctx.fan_in_fan_out = fan_in_fan_out
 
 
@@ -112,6 +113,8 @@ def _unit_grads(ctx, grad_y, x, xc, rows, delta_needed: bool, cols_needed: bool,
     if ctx.has_rows and delta_needed:
         grad_delta, grad_bias = _rows_grad(grad_y.index_select(-1, rows), x, row_mask, ctx.has_bias_delta,
                                            ctx.delta_dtype)  # fmt: skip
+    elif delta_needed:  # a columns-only layer's (0, in) row delta: an empty gradient, as for any trainable tensor
+        grad_delta = grad_y.new_zeros(0, ctx.in_features, dtype=ctx.delta_dtype)
     if cols_needed:
         grad_col = _cols_grad(grad_y, xc, col_mask, col_rows, ctx.col_dtype)
     return grad_delta, grad_bias, grad_col

@@ -344,8 +344,7 @@ class Linear(nn.Module, NeuronSelectLayer):
             out = self.quantization_backend.maybe_clone_base_result(out)  # bnb 4-bit: never write into its output
         for name in active:
             delta, bias_delta = self._adapter_tensors(name)
-            if delta.shape[0]:
-                out = AddRowDelta.apply(out, x, delta, bias_delta, self._dense_rows(name), self._route_mask(name, x))
+            out = AddRowDelta.apply(out, x, delta, bias_delta, self._dense_rows(name), self._route_mask(name, x))
             if name in self._fast["col_deltas"]:
                 col_delta = self._adapter_col_tensor(name)
                 out = AddColumnDelta.apply(out, x, col_delta, self._fast["col_indices"][name],

@@ -21,6 +21,7 @@ from torch import nn
 
 import neuron_peft.tuner.layer
 import neuron_peft.tuner.model
+import neuron_peft.tuner.unit_choice
 from neuron_peft import NeuronSelectConfig, NeuronSelectLayer
 
 GROUPS = ["fr", "de"]
@@ -140,7 +141,7 @@ def fake_backend(monkeypatch):
         return original(base_layer, **kwargs)
 
     monkeypatch.setattr(neuron_peft.tuner.layer, "resolve_quantization_backend", resolve)
-    monkeypatch.setattr(neuron_peft.tuner.model, "resolve_quantization_backend", resolve)
+    monkeypatch.setattr(neuron_peft.tuner.unit_choice, "resolve_quantization_backend", resolve)
     monkeypatch.setattr(peft.utils, "resolve_quantization_backend", resolve)
     return calls, kind
 
