@@ -56,6 +56,7 @@ from typing import Callable, Optional
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # this checkout's neuron_peft, also when another one is installed (editable)
 sys.path.insert(0, str(HERE))  # benchmarks/, for the shared set-up in common/ and the report in reports/
 from common.data import build_data, by_group, english_pairs  # noqa: E402
 from common.machine import machine_info  # noqa: E402

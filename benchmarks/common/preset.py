@@ -46,6 +46,7 @@ class Preset:
     device: str = "auto"
     threads: Optional[int] = None
     seed: int = 0
+    warmup_ratio: float = 0.03  # share of the steps with a linearly rising learning rate (train_loop's default)
     smoke: bool = True  # label outputs as smoke-scale
     scale_label: str = ""  # overrides the smoke / full-scale label
     note: str = ""
