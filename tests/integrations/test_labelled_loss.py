@@ -158,8 +158,12 @@ def test_trainer_option_matches_trainers_own_loss(tmp_path):
     fast = NeuronSelectTrainer(model=model, args=args, loss_on_labelled_positions=True)
     assert fast.loss_on_labelled_positions and not plain.loss_on_labelled_positions
     for n_items in (None, torch.tensor(19)):
-        ref, ref_g = loss_and_grads(model, lambda k=n_items: plain.compute_loss(model, dict(batch), num_items_in_batch=k))
-        got, got_g = loss_and_grads(model, lambda k=n_items: fast.compute_loss(model, dict(batch), num_items_in_batch=k))
+        ref, ref_g = loss_and_grads(
+            model, lambda k=n_items: plain.compute_loss(model, dict(batch), num_items_in_batch=k)
+        )
+        got, got_g = loss_and_grads(
+            model, lambda k=n_items: fast.compute_loss(model, dict(batch), num_items_in_batch=k)
+        )
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
         for n in ref_g:
             torch.testing.assert_close(got_g[n], ref_g[n], rtol=1e-5, atol=1e-7, msg=n)
