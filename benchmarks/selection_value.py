@@ -49,13 +49,14 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # this checkout's neuron_peft, also when another one is installed (editable)
 sys.path.insert(0, str(HERE))  # benchmarks/, for the shared set-up in common/ and the report in reports/
 from common.data import build_data, by_group, english_pairs  # noqa: E402
 from common.machine import machine_info  # noqa: E402
@@ -63,17 +64,20 @@ from common.matched import (  # noqa: E402
     LAYER_RATIO,
     METHODS,
     SPECIFIC_RATIO,
+    budget_free,
     budget_selections,
     build,
+    fixed_rank,
     linear_sizes,
     lora_rank,
+    method_info,
     score_by_type,
     score_concentration,
     selection_record,
 )
 from common.models import load_model, trainable_params  # noqa: E402
 from common.preset import SELECTION_PRESETS as PRESETS  # noqa: E402
-from common.preset import SelectionPreset, methods_for, translation_preset  # noqa: E402
+from common.preset import SelectionPreset, methods_for, resolve_device, translation_preset  # noqa: E402
 from common.scoring import decode_scores, english_features, make_evalset, sentence_nll  # noqa: E402
 from common.stats import macro_nll  # noqa: E402
 from common.training import pick_lr, train_one  # noqa: E402
@@ -93,8 +97,10 @@ def parse_args(argv):
     ap.add_argument("--methods", default=None, help=f"comma list, applied to every budget; from {','.join(METHODS)}")
     ap.add_argument("--budgets", default=None, help="comma list of Taylor neuron_ratio values (at layer_ratio 0.4)")
     ap.add_argument("--seeds", default=None, help="comma list of seeds (the first one tunes the learning rate)")
-    for name in ("steps", "n_train", "n_dev", "n_test", "n_bleu", "n_forget", "threads", "max_extend"):
+    for name in ("steps", "n_train", "n_dev", "n_test", "n_bleu", "n_forget", "threads", "max_extend", "batch_size"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    ap.add_argument("--eval-every", type=int, default=None, help="dev NLL every N training steps (0 = at the end)")
+    ap.add_argument("--device", default=None, help="cpu, cuda or auto (the preset's by default)")
     ap.add_argument("--model", default=None)
     ap.add_argument(
         "--langs",
@@ -115,7 +121,8 @@ def parse_args(argv):
 def resolve_preset(args) -> SelectionPreset:
     p = PRESETS["quick" if args.quick else args.preset]
     over: dict = {}
-    for k in ("steps", "n_train", "n_dev", "n_test", "n_bleu", "n_forget", "threads", "model", "max_extend"):
+    keys = ("steps", "n_train", "n_dev", "n_test", "n_bleu", "n_forget", "threads", "model", "max_extend")
+    for k in (*keys, "batch_size", "eval_every", "device"):
         if getattr(args, k) is not None:
             over[k] = getattr(args, k)
     if args.budgets:
@@ -124,7 +131,7 @@ def resolve_preset(args) -> SelectionPreset:
         over["seeds"] = tuple(int(x) for x in args.seeds.split(","))
     if args.methods:
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-        unknown = [m for m in methods if m not in METHODS]
+        unknown = [m for m in methods if m not in METHODS and fixed_rank(m) is None]
         if unknown:
             raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
         over["methods"] = {"*": methods}
@@ -150,7 +157,7 @@ def resolve_preset(args) -> SelectionPreset:
 
 
 def run_key(nr, method, seed, lr) -> str:
-    return f"{'-' if method == 'full' else nr}|{method}|{seed}|{lr:g}"
+    return f"{'-' if budget_free(method) else nr}|{method}|{seed}|{lr:g}"
 
 
 def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
@@ -167,7 +174,7 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
         check_output_dir(out_dir, overwrite=args.overwrite or args.resume, flag="--out")
     if p.threads:
         torch.set_num_threads(p.threads)
-    device = torch.device(p.device)
+    device = resolve_device(p)
     t_start = time.perf_counter()
 
     qp = translation_preset(p, p.data_seed)
@@ -205,6 +212,10 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
                 continue
             if method == "neumt" and not add_neumt(s, base_sel, calib, nr, sizes, bsel, binfo):
                 continue
+            if method == "dora-best":
+                method = best_lora_rank_as_dora(s)
+                if method is None:
+                    continue
             run_method(s, nr, method, bsel, sizes)
     s.results["finished"] = True
     s.save()
@@ -227,8 +238,8 @@ def build_pairs(p: SelectionPreset, qp) -> dict:
 def log_plan(p: SelectionPreset, log) -> tuple[dict, int]:
     """({budget: methods}, training runs at least): logged before anything loads (also the whole of --dry-run)."""
     plan = {str(nr): methods_for(p, nr) for nr in p.budgets}
-    pairs = {("-" if m == "full" else nr, m) for nr in p.budgets for m in methods_for(p, nr) if m != "zero-shot"}
-    n_runs = sum(len(p.grids[METHODS[m][0]]) + len(p.seeds) - 1 for _, m in pairs)
+    pairs = {("-" if budget_free(m) else nr, m) for nr in p.budgets for m in methods_for(p, nr) if m != "zero-shot"}
+    n_runs = sum(len(p.grids[method_info(m)[0]]) + len(p.seeds) - 1 for _, m in pairs)
     n_tests = len(pairs) * len(p.seeds)
     log(f"  {p.steps} steps x batch {p.batch_size}; seeds {p.seeds}; budgets (Taylor neuron_ratio at layer_ratio "
         f"{LAYER_RATIO}) {p.budgets}; methods {plan}; start grids {p.grids}")  # fmt: skip
@@ -271,10 +282,22 @@ class Session:
 
     def fit(self, model, routed, lr, seed) -> tuple[dict, dict, float]:
         """(training record, dev evaluation, dev NLL) of one seeded run of ``model``: the one place a run is trained
-        and scored, so a retrained model (NeuMT's reference) is the same as the stored run it stands in for."""
-        tr = train_one(model, routed, self.tok, self.feats["train"], translation_preset(self.p, seed), lr, self.device)
+        and scored, so a retrained model (NeuMT's reference) is the same as the stored run it stands in for. With
+        ``eval_every`` the record holds ``dev_curve``: [step, dev NLL] every that many steps and at the end."""
+        curve: list[list[float]] = []
+        every = self.p.eval_every
+
+        def on_step(step: int, loss: float) -> None:
+            if step % every == 0 and step < self.p.steps:
+                curve.append([step, macro_nll(sentence_nll(model, self.evalsets["dev"]), self.evalsets["dev"].groups)])
+
+        tr = train_one(model, routed, self.tok, self.feats["train"], translation_preset(self.p, seed), lr, self.device,
+                       on_step=on_step if every else None)  # fmt: skip
         ev = self.evaluate(model, ("dev",))
-        return tr, ev, macro_nll(ev["dev"], self.evalsets["dev"].groups)
+        dev = macro_nll(ev["dev"], self.evalsets["dev"].groups)
+        if every:
+            tr["dev_curve"] = [*curve, [self.p.steps, dev]]
+        return tr, ev, dev
 
     def train(self, nr, method, bsel, sizes, lr, seed, keep):
         """(row, model or None): one training run and its dev NLL, stored under its run key; a run already stored
@@ -296,6 +319,9 @@ class Session:
                "dev_nll": dev, "dev": ev["dev"], "train_seconds": tr["seconds"],
                "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                "run_seconds": time.perf_counter() - t0}  # fmt: skip
+        if "dev_curve" in tr:  # dev NLL against steps (eval_every), and the training loss at the same steps
+            row["dev_curve"] = tr["dev_curve"]
+            row["loss_curve"] = [[k, losses[k - 1]] for k, _ in tr["dev_curve"] if 0 < k <= len(losses)]
         results["runs"][key] = row
         self.save()
         log(f"    seed {seed} lr {lr:g}: {n_tr:,} trainable, {tr['seconds']:.0f} s train, loss "
@@ -312,7 +338,10 @@ def resume(s: Session) -> None:
     """Take over the runs, picks and budgets of ``s.rpath``; refused when its configuration differs in more than
     what decides which runs happen (methods, budgets, seeds)."""
     old, new = json.loads(s.rpath.read_text(encoding="utf-8")), json.loads(json.dumps(asdict(s.p)))
-    skip = {"methods", "budgets", "seeds", "note", "threads", "max_extend"}  # decide only *which* runs happen
+    skip = {"methods", "budgets", "seeds", "note", "threads", "max_extend", "device"}  # decide only *which* runs
+    # a field added since the file was written (warmup_ratio, eval_every) had its default value then
+    defaults = {f.name: f.default for f in fields(SelectionPreset) if f.default is not MISSING}
+    old["config"] = {**json.loads(json.dumps(defaults)), **old["config"]}
     if old["config"] != new and not all(old["config"].get(k) == v for k, v in new.items() if k not in skip):
         raise SystemExit(f"{s.rpath}: written with a different configuration; use another --out")
     s.results["runs"], s.results["picked"] = old.get("runs", {}), old.get("picked", {})
@@ -414,9 +443,9 @@ def run_method(s: Session, nr: float, method: str, bsel: dict, sizes: dict) -> N
     """One method at one budget: the learning rate on the first seed (grid extended while the pick is at an edge),
     then every seed trained (the first seed's best model reused) and tested at the picked learning rate."""
     p, results, log = s.p, s.results, s.log
-    family = METHODS[method][0]
-    pkey = f"{'-' if method == 'full' else nr}|{method}"
-    log(f"\n[{method} @ {nr}] {METHODS[method][1]}")
+    family, about = method_info(method)
+    pkey = f"{'-' if budget_free(method) else nr}|{method}"
+    log(f"\n[{method} @ {nr}] {about}")
 
     # learning rate on the first seed, extended until the pick is interior
     seed0 = p.seeds[0]
@@ -430,7 +459,7 @@ def run_method(s: Session, nr: float, method: str, bsel: dict, sizes: dict) -> N
 
     # a resumed run also counts the values an earlier invocation already tried (e.g. with --max-extend)
     tried = {r["lr"] for r in results["runs"].values() if r.get("method") == method and r.get("seed") == seed0
-             and (method == "full" or float(r.get("budget", -1)) == float(nr))}  # fmt: skip
+             and (budget_free(method) or float(r.get("budget", -1)) == float(nr))}  # fmt: skip
     best, grid, devs, edge = pick_lr(sorted({*p.grids[family], *tried}), dev_of, p.factor, p.max_extend)
     results["picked"][pkey] = {"lr": best, "grid": grid, "at_edge": edge}
     log(f"  picked lr {best:g} from {grid}" + (" (STILL AT AN EDGE after extending)" if edge else ""))
@@ -462,6 +491,24 @@ def run_method(s: Session, nr: float, method: str, bsel: dict, sizes: dict) -> N
         s.save()
     kept.clear()
     gc.collect()
+
+
+def best_lora_rank_as_dora(s: Session) -> Optional[str]:
+    """The method "dora-best" stands for: "dora-r<N>" for the fixed-rank LoRA ("lora-r<N>") whose picked run has the
+    lowest dev NLL on the first seed, or None (logged) when no fixed-rank LoRA has a pick yet."""
+    seed0, best = s.p.seeds[0], None
+    for pkey, pick in s.results["picked"].items():
+        method = pkey.split("|")[1]
+        if not method.startswith("lora-r") or fixed_rank(method) is None:
+            continue
+        dev = s.results["runs"].get(run_key("-", method, seed0, pick["lr"]), {}).get("dev_nll", math.inf)
+        if best is None or dev < best[0]:
+            best = (dev, fixed_rank(method))
+    if best is None or not math.isfinite(best[0]):
+        s.log("\n[dora-best] skipped: needs a fixed-rank LoRA (lora-r<N>) with a finite dev NLL first")
+        return None
+    s.log(f"\n[dora-best] LoRA's best rank by dev NLL is {best[1]} ({best[0]:.4f}): DoRA at r {best[1]}")
+    return f"dora-r{best[1]}"
 
 
 def _keep_best(kept: dict, results: dict, nr, method, seed) -> dict:

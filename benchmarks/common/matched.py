@@ -4,15 +4,17 @@ For a budget (a Taylor ``neuron_ratio`` at ``LAYER_RATIO`` 0.4, ``SPECIFIC_RATIO
 selection fixes the trained weights P (`budget_selections`); every other row method is decided from the same
 scores to train P weights too (rows x inputs, per-layer rounding aside): its ranking variants re-decide the
 selection, random and magnitude rows take the same share of rows (random-layers: the same count in Taylor's
-layers), LoRA/DoRA use the all-linear rank whose parameter count is closest to P (`lora_rank`). Full fine-tuning is
-budget-free. `METHODS` names them (``--methods``) with their learning-rate family; `build` puts a method on a deep
-copy of the pristine base; `score_by_type`, `type_counts` and `selection_record` describe where a selection's
+layers), LoRA/DoRA use the all-linear rank whose parameter count is closest to P (`lora_rank`). Full fine-tuning
+and fixed-rank LoRA/DoRA ("lora-r16", `fixed_rank`) are budget-free (`budget_free`). `METHODS` names them
+(``--methods``) with their learning-rate family; `build` puts a method on a deep copy of the pristine base; `score_by_type`, `type_counts` and `selection_record` describe where a selection's
 scores and rows sit, by module type, for the report.
 """
 
 from __future__ import annotations
 
 import copy
+import re
+from typing import Optional
 
 import torch
 
@@ -38,7 +40,38 @@ METHODS = {
     "lora": ("lora", "LoRA all-linear, rank matched to the budget, alpha = 2r"),
     "dora": ("lora", "DoRA all-linear, rank matched to the budget, alpha = 2r"),
     "full": ("full", "full fine-tuning, every parameter (budget-free; shown in every budget)"),
+    # fixed-rank LoRA / DoRA (budget-free like full; any "lora-r<N>" / "dora-r<N>" works, see `method_info`)
+    "lora-r8": ("lora", "LoRA all-linear, rank 8, alpha = 2r (fixed rank, budget-free)"),
+    "lora-r16": ("lora", "LoRA all-linear, rank 16, alpha = 2r (fixed rank, budget-free)"),
+    "lora-r64": ("lora", "LoRA all-linear, rank 64, alpha = 2r (fixed rank, budget-free)"),
+    "dora-best": ("lora", "DoRA at the rank of the fixed-rank LoRA with the best dev NLL (run after them)"),
+    # Hook for channel-unit methods (issue 24: channel, channel-random, mlp-neuron, built in the tuner/selection by
+    # another change): add their name here with the "neuron" family, a branch in `build` that returns their model,
+    # and their name to `common.preset.UNIT_METHODS`; the long preset then runs them at both budgets.
 }
+_FIXED_RANK = re.compile(r"^(lora|dora)-r(\d+)$")
+
+
+def fixed_rank(method: str) -> Optional[int]:
+    """The rank of a fixed-rank LoRA/DoRA method ("lora-r16" -> 16), else None."""
+    m = _FIXED_RANK.match(method)
+    return int(m.group(2)) if m else None
+
+
+def budget_free(method: str) -> bool:
+    """Methods that do not depend on the budget (trained once, listed in every budget): full FT, fixed-rank LoRA."""
+    return method in ("full", "dora-best") or fixed_rank(method) is not None
+
+
+def method_info(method: str) -> tuple[str, str]:
+    """(LR family, description) of a method, also of a fixed rank not listed in `METHODS` ("dora-r32")."""
+    if method in METHODS:
+        return METHODS[method]
+    r = fixed_rank(method)
+    if r is None:
+        raise KeyError(method)
+    kind = method.split("-")[0]
+    return "lora", f"{kind.upper() if kind == 'lora' else 'DoRA'} all-linear, rank {r}, alpha = 2r (fixed rank)"
 
 
 def linear_sizes(model, names) -> dict[str, tuple[int, int]]:
@@ -106,9 +139,9 @@ def build(method: str, base, bsel: dict, sizes: dict, seed: int):
     if method == "full":
         model.requires_grad_(True)
         return model, False
-    if method in ("lora", "dora"):
-        r = lora_rank(bsel["budget"], sizes)
-        return get_peft_model(model, lora_config(r, sorted(sizes), dora=method == "dora")), False
+    if method in ("lora", "dora") or fixed_rank(method) is not None:
+        r = fixed_rank(method) or lora_rank(bsel["budget"], sizes)
+        return get_peft_model(model, lora_config(r, sorted(sizes), dora=method.startswith("dora"))), False
     sels = bsel["selections"]
     if method in sels:
         sel = sels[method]

@@ -2,7 +2,9 @@
 
 Same batches in the same order for every method (a seeded shuffle of the same encoded pairs; per-sample language
 groups only for routed methods), the same number of optimizer steps, the loss on answer tokens only
-(`neuron_peft.training.answer_loss`) and AdamW with a cosine schedule (`neuron_peft.training.train_loop`). What a
+(`neuron_peft.training.labelled_logits_loss`: logits only where a label is not -100, the same loss and gradients as
+the model's own; benchmarks/loss_positions.py times it) and AdamW with a cosine schedule and warm-up
+(`neuron_peft.training.train_loop`). What a
 method may differ in is its trainable parameters and its learning rate. `train_one` also times the run and
 measures its peak memory (`machine.PeakMemory`). `pick_lr` is selection_value.py's learning-rate search: a start
 grid, extended while the best value sits at its edge.
@@ -32,21 +34,31 @@ def train_batches(features, tok, p: Preset, routed: bool) -> torch.utils.data.Da
                                        generator=gen)  # fmt: skip
 
 
-def train_one(model, routed: bool, tok, features, p: Preset, lr: float, device) -> dict:
-    """Train `model` in place at `lr`: {seconds, losses, peak_mib, before_mib, memory_how}."""
-    from neuron_peft.training import answer_loss, train_loop
+def train_one(model, routed: bool, tok, features, p: Preset, lr: float, device, on_step=None) -> dict:
+    """Train `model` in place at `lr`: {seconds, losses, peak_mib, before_mib, memory_how}. ``on_step(step, loss)``
+    is called after every optimizer step (selection_value.py's dev curve); its time is left out of ``seconds`` and
+    reported as ``on_step_seconds``."""
+    from neuron_peft.training import labelled_logits_loss, train_loop
 
     loader = train_batches(features, tok, p, routed)
     model.train()
+    spent = [0.0]
+
+    def timed_on_step(step: int, loss: float) -> None:
+        t = time.perf_counter()
+        on_step(step, loss)
+        spent[0] += time.perf_counter() - t
+
     with PeakMemory(device) as mem:
         start = time.perf_counter()
-        losses = train_loop(model, loader, steps=p.steps, lr=lr, progress=True, loss_fn=answer_loss)
+        losses = train_loop(model, loader, steps=p.steps, lr=lr, progress=True, loss_fn=labelled_logits_loss,
+                            warmup_ratio=p.warmup_ratio, on_step=timed_on_step if on_step else None)  # fmt: skip
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start - spent[0]
     model.eval()
     return {"seconds": seconds, "losses": losses, "peak_mib": mem.peak_mib, "before_mib": mem.before_mib,
-            "memory_how": mem.how}  # fmt: skip
+            "memory_how": mem.how, "on_step_seconds": spent[0]}  # fmt: skip
 
 
 def pick_lr(start: list[float], dev_of: Callable[[float], float], factor: float, max_extend: int):

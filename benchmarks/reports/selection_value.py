@@ -14,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from common.matched import LAYER_RATIO
+from common.matched import LAYER_RATIO, budget_free
 from common.report import fmt_pm, pyplot, save_figure
 from common.stats import macro_nll, paired_bootstrap, per_lang_nll, seed_interval, seed_mean_per_sentence
 
@@ -35,7 +35,7 @@ def summarise(results: dict) -> dict:
                 continue
             # every seed tested at the picked LR (also those of earlier, resumed invocations)
             runs = [r for r in results["runs"].values() if r.get("method") == method and "test" in r
-                    and r["lr"] == pick["lr"] and (method == "full" or float(r["budget"]) == float(nr))]  # fmt: skip
+                    and r["lr"] == pick["lr"] and (budget_free(method) or float(r["budget"]) == float(nr))]  # fmt: skip
             runs.sort(key=lambda r: r["seed"])
             if not runs:
                 continue
@@ -54,6 +54,7 @@ def summarise(results: dict) -> dict:
                 "_test_sent": seed_mean_per_sentence([r["test"] for r in runs]),
                 "_forget_sent": seed_mean_per_sentence([r["forget_test"] for r in runs]),
                 "train_seconds": sum(r["train_seconds"] for r in runs) / len(runs),
+                "dev_curve": mean_curve([r["dev_curve"] for r in runs if r.get("dev_curve")]),
             }  # fmt: skip
         for m, r in rows.items():
             r["paired"] = {}
@@ -63,6 +64,31 @@ def summarise(results: dict) -> dict:
             r["paired_forget_zero"] = paired_bootstrap(r["_forget_sent"], z["forget_test"], groups["forget_test"])
         out["budgets"][nr] = {"info": binfo, "rows": rows}
     return out
+
+
+def mean_curve(curves: list) -> list:
+    """[[step, mean dev NLL over the seeds that have that step], ...] of seeds' dev curves ([] without any)."""
+    at: dict[int, list[float]] = {}
+    for c in curves:
+        for step, v in c:
+            at.setdefault(int(step), []).append(v)
+    return [[k, sum(v) / len(v), len(v)] for k, v in sorted(at.items())]
+
+
+def curve_table(rows: dict, max_cols: int = 8) -> list[str]:
+    """Markdown: dev NLL at (up to ``max_cols``, evenly spaced, the last included) evaluation steps per method."""
+    curves = {m: r["dev_curve"] for m, r in rows.items() if r.get("dev_curve")}
+    if not curves:
+        return []
+    steps = sorted({c[0] for v in curves.values() for c in v})
+    n = min(max_cols, len(steps))
+    pick = sorted({steps[round(i * (len(steps) - 1) / max(1, n - 1))] for i in range(n)})
+    lines = ["", "Dev NLL against training steps (picked LR, mean over seeds; plot selection_value_dev_curves.png):",
+             "", "| method | " + " | ".join(f"step {k}" for k in pick) + " |", "|---|" + "---|" * len(pick)]  # fmt: skip
+    for m, c in sorted(curves.items()):
+        at = {k: v for k, v, _ in c}
+        lines.append(f"| {m} | " + " | ".join(f"{at[k]:.3f}" if k in at else "-" for k in pick) + " |")
+    return lines
 
 
 # pairs of methods that train the same number of rows in the same layers and differ only in which rows
@@ -129,6 +155,7 @@ def write_report(results: dict, out_dir: Path, log) -> str:
         if fixed:
             lines += ["", "Row criterion with the layers held fixed (paired Δ test NLL [95%], negative = the first "
                       "better): " + "; ".join(fixed) + "."]  # fmt: skip
+        lines += curve_table(b["rows"])
         types = {m: v["types"] for m, v in info_b["selections"].items()}
         lines += ["", "Rows by module type: " + "; ".join(f"{m} {t}" for m, t in types.items())]
     md = "\n".join(lines) + "\n"
@@ -138,6 +165,8 @@ def write_report(results: dict, out_dir: Path, log) -> str:
     atomic_write_text(out_dir / "summary.json", json.dumps({"zero": zero, "budgets": slim}, indent=1, default=str))
     try:
         plot(s, out_dir / "selection_value_nll.png", results)
+        if any(r.get("dev_curve") for b in s["budgets"].values() for r in b["rows"].values()):
+            plot_curves(s, out_dir / "selection_value_dev_curves.png", results)
     except ImportError as err:
         log(f"(plot skipped: {err})")
     return md
@@ -152,10 +181,13 @@ def plot(s: dict, path: Path, results: dict) -> None:
         for b in s["budgets"].values():
             if m in b["rows"]:
                 r = b["rows"][m]
-                xs.append(100 * (b["info"]["share"] if m != "full" else 1.0))
+                share = b["info"]["share"] if not budget_free(m) else 1.0
+                if budget_free(m) and m != "full" and results.get("total_linear_weights"):
+                    share = r["trainable"] / results["total_linear_weights"]  # fixed-rank LoRA: its own size
+                xs.append(100 * share)
                 ys.append(r["test"][0])
                 es.append(r["test"][1] if math.isfinite(r["test"][1]) else 0.0)
-        if m == "full":
+        if budget_free(m):
             xs, ys, es = xs[:1], ys[:1], es[:1]
         ax.errorbar(xs, ys, yerr=es, marker="os^vD<>px*h"[i % 11], capsize=3, label=m, linestyle="-" if len(xs) > 1
                     else "none", alpha=0.85)  # fmt: skip
@@ -165,5 +197,25 @@ def plot(s: dict, path: Path, results: dict) -> None:
     ax.set_ylabel("test NLL per target token (95% CI over seeds)")
     ax.set_title(f"selection value, preset {results['preset']}", fontsize=10)
     ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_curves(s: dict, path: Path, results: dict) -> None:
+    """Dev NLL against training steps per method (picked LR, mean over seeds), one panel per budget."""
+    plt = pyplot()
+    budgets = list(s["budgets"].items())
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6.0 * len(budgets), 4.2), squeeze=False)
+    for ax, (nr, b) in zip(axes[0], budgets):
+        for i, (m, r) in enumerate(sorted(b["rows"].items())):
+            if r.get("dev_curve"):
+                ks, vs = [c[0] for c in r["dev_curve"]], [c[1] for c in r["dev_curve"]]
+                ax.plot(ks, vs, marker="os^vD<>px*h"[i % 11], ms=3, label=f"{m} (lr {r['lr']:g})")
+        ax.axhline(s["zero"]["dev"], color="gray", lw=0.8, ls="--", label="zero-shot")
+        ax.set_title(f"budget {100 * b['info']['share']:.2f}% (neuron_ratio {nr})", fontsize=10)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("dev NLL per target token (mean over seeds)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"selection value, preset {results['preset']}: dev NLL against steps", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)

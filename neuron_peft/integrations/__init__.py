@@ -4,6 +4,6 @@ the adapter's model card (`hub.py`). Nothing here changes those libraries.
 """
 
 from .hub import push_to_hub
-from .training import NeuronSelectTrainer, answer_loss, route_groups, train_loop
+from .training import NeuronSelectTrainer, answer_loss, labelled_logits_loss, route_groups, train_loop
 
-__all__ = ["NeuronSelectTrainer", "answer_loss", "push_to_hub", "route_groups", "train_loop"]
+__all__ = ["NeuronSelectTrainer", "answer_loss", "labelled_logits_loss", "push_to_hub", "route_groups", "train_loop"]

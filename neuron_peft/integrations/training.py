@@ -29,9 +29,16 @@ class NeuronSelectTrainer(Trainer):
     A plain Trainer already keeps a ``neuron_groups`` column (the adapted model declares that keyword); this subclass
     sets ``remove_unused_columns=False`` (with a warning) so datasets that name the column ``group`` are routed as
     well, and ``label_names=["labels"]``.
+
+    ``loss_on_labelled_positions=True`` (a constructor argument, not a `TrainingArguments` field) computes the
+    training loss with `labelled_logits_loss`: logits only where a label is not -100, the same loss and gradients
+    as the model's own, cheaper when the vocabulary is large and prompts carry no loss (causal LMs only). Evaluation
+    (``return_outputs=True``), label smoothing, ``compute_loss_func`` and batches without any labelled position keep
+    Trainer's own path.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, loss_on_labelled_positions: bool = False, **kwargs):
+        self.loss_on_labelled_positions = bool(loss_on_labelled_positions)
         super().__init__(*args, **kwargs)
         if self.args.remove_unused_columns:
             warnings.warn(
@@ -42,6 +49,30 @@ class NeuronSelectTrainer(Trainer):
             self.args.remove_unused_columns = False
         if getattr(self.args, "label_names", None) is None:
             self.args.label_names = ["labels"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels") if isinstance(inputs, dict) else None
+        if (
+            not self.loss_on_labelled_positions
+            or return_outputs
+            or labels is None
+            or self.label_smoother is not None
+            or getattr(self, "compute_loss_func", None) is not None
+            or not bool((labels[:, 1:] != IGNORE_INDEX).any())
+        ):
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        # what Trainer.compute_loss does with the model's own loss: sum / num_items_in_batch when the model accepts
+        # loss kwargs (and the count is known), else the per-batch mean; then the token-averaging scale across devices
+        accepts = getattr(self, "model_accepts_loss_kwargs", False)
+        n_items = num_items_in_batch if accepts else None
+        loss = labelled_logits_loss(model, inputs, num_items_in_batch=n_items)
+        if getattr(self.args, "average_tokens_across_devices", False) and accepts and num_items_in_batch is not None:
+            tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+            scale = self.accelerator.num_processes // tp
+            loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return loss
 
 
 def route_groups(trainer: Trainer) -> Trainer:
@@ -90,6 +121,85 @@ def answer_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     )
 
 
+def _output_layer(model: torch.nn.Module) -> torch.nn.Module:
+    """The output projection (``get_output_embeddings()``) of the causal LM under any PEFT / DDP wrapper."""
+    inner = getattr(model, "module", model)  # DistributedDataParallel and similar keep the model in .module
+    if hasattr(inner, "get_base_model"):  # PeftModel: the transformers model whose lm_head may be wrapped
+        inner = inner.get_base_model()
+    get = getattr(inner, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        raise ValueError(
+            f"labelled_logits_loss: {type(inner).__name__} has no output layer (get_output_embeddings() is None); "
+            "it computes the loss of causal language models"
+        )
+    return head
+
+
+def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
+    """``(batch, seq)`` bool mask of the positions whose logits carry loss in a causal LM: position t predicts
+    ``labels[:, t + 1]``, so t is kept when that label is not -100 (the last position never is)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
+def labelled_logits_loss(
+    model: torch.nn.Module, batch: dict, num_items_in_batch: Optional[int | torch.Tensor] = None
+) -> torch.Tensor:
+    """Causal-LM loss with logits computed only at positions whose (shifted) label is not -100.
+
+    The same value and gradients as ``model(**batch).loss`` (transformers' ``ForCausalLMLoss``: logits at t
+    predict ``labels[t + 1]``; the mean over labelled tokens, or their sum divided by ``num_items_in_batch`` when
+    that is given, as Trainer passes it under gradient accumulation), with the output projection applied to the
+    labelled positions only. With a 262k-token vocabulary that projection (and its backward) is most of a small
+    model's step, and translation prompts carry no loss. Unlike `answer_loss` (a contiguous span of positions shared
+    by the whole batch) no prompt or padding position of any sample is projected.
+
+    How: the model runs its own forward (PEFT wrappers, their hooks and the ``neuron_groups`` routing keyword
+    included) without ``labels``, while a forward pre-hook on its output layer (``get_output_embeddings()``) hands
+    that layer only the hidden states of the labelled positions, ``(n_labelled, hidden)``. Whatever the model does
+    to the logits after that layer (e.g. Gemma's ``final_logit_softcapping``) is therefore applied as in its own
+    forward. Raises ValueError when no position is labelled (the model's mean would be NaN).
+    """
+    labels = batch["labels"]
+    keep = labelled_positions(labels)
+    targets = labels[:, 1:][keep[:, :-1]]
+    if targets.numel() == 0:
+        raise ValueError("labelled_logits_loss: the batch has no loss tokens (every label is -100)")
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def gather(module, args, kwargs):
+        hidden = args[0] if args else kwargs["input"]
+        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(keep.shape):
+            raise RuntimeError(
+                f"labelled_logits_loss: the output layer got hidden states of shape {tuple(hidden.shape)}, expected "
+                f"(batch, seq, hidden) with (batch, seq) = {tuple(keep.shape)}; this model slices or reshapes them "
+                "before its head, so use model(**batch).loss"
+            )
+        picked = hidden[keep.to(hidden.device)]
+        if args:
+            return (picked, *args[1:]), kwargs
+        return args, {**kwargs, "input": picked}
+
+    handle = _output_layer(model).register_forward_pre_hook(gather, with_kwargs=True)
+    try:
+        logits = model(**inputs).logits
+    finally:
+        handle.remove()
+    if logits.dim() != 2 or logits.shape[0] != targets.numel():
+        raise RuntimeError(
+            f"labelled_logits_loss: expected logits of shape ({targets.numel()}, vocab), got {tuple(logits.shape)}"
+        )
+    targets = targets.to(logits.device)
+    if num_items_in_batch is None:
+        return torch.nn.functional.cross_entropy(logits.float(), targets)
+    loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
+
+
 def train_loop(
     model: torch.nn.Module,
     dataloader: Iterable[dict],
@@ -109,8 +219,9 @@ def train_loop(
     """A plain accelerate loop (AdamW, transformers' cosine schedule with warm-up), routing by ``neuron_groups``.
 
     Only parameters with ``requires_grad`` are optimised; returns the loss of every optimizer step.
-    ``loss_fn(model, batch)`` defaults to ``model(**batch).loss``; `answer_loss` is a faster equivalent for
-    causal LMs with large vocabularies.
+    ``loss_fn(model, batch)`` defaults to ``model(**batch).loss``; `labelled_logits_loss` (logits at labelled
+    positions only) and `answer_loss` (one span of positions) are faster equivalents for causal LMs with large
+    vocabularies.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
