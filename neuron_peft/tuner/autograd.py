@@ -30,8 +30,9 @@ def _rows_grad(g_rows, x, route_mask: Optional[torch.Tensor], want_bias: bool, d
     if route_mask is not None:
         shape = [route_mask.shape[0]] + [1] * (g_rows.dim() - 2) + [route_mask.shape[-1]]
         g_rows = g_rows * route_mask.view(shape).to(g_rows.dtype)
-    g2 = g_rows.flatten(0, -2) if g_rows.dim() > 1 else g_rows  # flatten: also for k = 0 (columns-only layers)
-    x2 = x.reshape(-1, x.shape[-1]).to(g2.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    g2 = g_rows.reshape(x2.shape[0], g_rows.shape[-1])  # token count from x: also right for k = 0 (columns only)
+    x2 = x2.to(g2.dtype)
     grad_delta = g2.t().matmul(x2).to(dtype)
     grad_bias = g2.sum(0).to(dtype) if want_bias else None
     return grad_delta, grad_bias
