@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 from tiny_models import TARGETS, make_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from neuron_peft import NeuronSelectConfig, NeuronSelectLayer
 
@@ -155,3 +156,21 @@ def make_batch(seed, bsz=2, seq=10, prompt=4, **extra):
 
 def calibration(seed=0):
     return {"fr": [make_batch(seed), make_batch(seed + 1)], "de": [make_batch(seed + 2)]}
+
+
+class ShapeRecorder(TorchDispatchMode):
+    """Shapes of the tensors newly allocated inside the block (to show no (out, in) weight gradient is formed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        """Record the shapes of newly allocated tensors (views of existing storage are free)."""
+        out = func(*args, **(kwargs or {}))
+        inputs = [a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+        storages = {a.untyped_storage().data_ptr() for a in inputs}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in storages:
+                self.shapes.add(tuple(t.shape))
+        return out

@@ -43,31 +43,35 @@ def check_adapter_state_dict(model: nn.Module, adapter_name: str, state_dict: di
                     f"adapter file but {tuple(shape)} in the model (in_features={module.in_features}, "
                     f"out_features={module.out_features})"
                 )
-        rows = state_dict[f"{name}.neuron_select_indices.{adapter_name}"]
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= module.out_features):
-            raise AdapterMismatchError(
-                f"module {shown!r}: adapter row index {int(rows.max())} out of range for "
-                f"{module.out_features} output rows"
-            )
-        if not torch.equal(rows.cpu().long(), module.neuron_select_indices[adapter_name].cpu()):
-            raise AdapterMismatchError(
-                f"module {shown!r}: row indices in the adapter file differ from adapter_config.json"
-            )
-        state_dict[f"{name}.neuron_select_indices.{adapter_name}"] = rows.long()
+        _check_indices(
+            state_dict,
+            f"{name}.neuron_select_indices.{adapter_name}",
+            module.neuron_select_indices[adapter_name],
+            module.out_features,
+            shown,
+            "row",
+            "output rows",
+        )
         if adapter_name in module.neuron_select_col_indices:
-            key = f"{name}.neuron_select_col_indices.{adapter_name}"
-            cols = state_dict[key]
-            if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= module.in_features):
-                raise AdapterMismatchError(
-                    f"module {shown!r}: adapter column index {int(cols.max())} out of range for "
-                    f"{module.in_features} input columns"
-                )
-            if not torch.equal(cols.cpu().long(), module.neuron_select_col_indices[adapter_name].cpu()):
-                raise AdapterMismatchError(
-                    f"module {shown!r}: column indices in the adapter file differ from adapter_config.json"
-                )
-            state_dict[key] = cols.long()
+            _check_indices(state_dict, f"{name}.neuron_select_col_indices.{adapter_name}",
+                           module.neuron_select_col_indices[adapter_name], module.in_features, shown, "column",
+                           "input columns")  # fmt: skip
     return state_dict
+
+
+def _check_indices(state_dict: dict, key: str, expected: torch.Tensor, size: int, shown: str, unit: str,
+                   what: str) -> None:  # fmt: skip
+    """The file's row (or column) indices lie in the layer and equal the config's; stored back as int64."""
+    indices = state_dict[key]
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= size):
+        raise AdapterMismatchError(
+            f"module {shown!r}: adapter {unit} index {int(indices.max())} out of range for {size} {what}"
+        )
+    if not torch.equal(indices.cpu().long(), expected.cpu()):
+        raise AdapterMismatchError(
+            f"module {shown!r}: {unit} indices in the adapter file differ from adapter_config.json"
+        )
+    state_dict[key] = indices.long()
 
 
 def refuse_foreign_keys(model: nn.Module, adapter_name: str, state_dict: dict) -> None:

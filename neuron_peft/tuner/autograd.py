@@ -82,14 +82,15 @@ class RowsWritten:
         return False
 
 
-def _add_rows(t: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """``t[rows] += delta`` rounded as merging rounds it (sum in fp32, one rounding to t's dtype); returns the
-    original rows. Same dtypes: one in-place ``index_add_`` (no (k, in) temporary beyond the saved originals)."""
-    orig = t.index_select(0, rows)
+def _add_rows(t: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``t[rows] += delta`` (``dim=1``: ``t[:, rows] += delta``, for columns) rounded as merging rounds it (sum in
+    fp32, one rounding to t's dtype); returns the original entries. Same dtypes: one in-place ``index_add_`` (no
+    temporary beyond the saved originals)."""
+    orig = t.index_select(dim, rows)
     if delta.dtype == t.dtype:
-        t.index_add_(0, rows, delta)
+        t.index_add_(dim, rows, delta)
     else:
-        t.index_copy_(0, rows, (orig.float() + delta.float()).to(t.dtype))
+        t.index_copy_(dim, rows, (orig.float() + delta.float()).to(t.dtype))
     return orig
 
 

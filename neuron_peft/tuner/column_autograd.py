@@ -58,16 +58,6 @@ def _cols_grad(g: torch.Tensor, xc: torch.Tensor, col_mask, col_rows, dtype: tor
     return grad.to(dtype)
 
 
-def _add_cols(w: torch.Tensor, cols: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """``w[:, cols] += full`` rounded as merging rounds it (fp32 sum, one rounding); returns the columns before."""
-    orig = w.index_select(1, cols)
-    if full.dtype == w.dtype:
-        w.index_add_(1, cols, full)
-    else:
-        w.index_copy_(1, cols, (orig.float() + full.float()).to(w.dtype))
-    return orig
-
-
 class UnitsWritten:
     """Within the block the base weight holds ``W0`` plus the row deltas (and bias deltas) and the column deltas; at
     exit, even on an exception, exactly W0 is back. Rows are written first, then columns (whose full delta is zero
@@ -88,7 +78,7 @@ class UnitsWritten:
             self.orig_w = _add_rows(self.w, self.rows, self.delta.detach())
             if self.b is not None:
                 self.orig_b = _add_rows(self.b, self.rows, self.bias_delta.detach())
-        self.orig_c = _add_cols(self.w, self.cols, self.full.detach())
+        self.orig_c = _add_rows(self.w, self.cols, self.full.detach(), dim=1)
         return self
 
     def __exit__(self, *exc):

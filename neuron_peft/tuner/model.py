@@ -177,6 +177,10 @@ class NeuronSelectModel(UnsupportedPeftMethods, BaseTuner):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         rows, row_groups = self._resolve_rows(config, current_key, base)
         cols, col_groups = self._resolve_columns(config, current_key, base, rows)
+        if rows.numel() == 0 and cols is None:
+            raise AdapterMismatchError(
+                f"module {current_key!r}: no rows or columns selected (agnostic and language lists are empty)"
+            )
         kwargs = {
             "cols": cols,
             "col_groups": col_groups,
@@ -232,10 +236,6 @@ class NeuronSelectModel(UnsupportedPeftMethods, BaseTuner):
         else:
             agnostic, specific = explicit
         rows, groups = _flatten_units(agnostic, specific)
-        if not rows and not _flatten_units(*config.columns_for(name))[0]:
-            raise AdapterMismatchError(
-                f"module {name!r}: no rows or columns selected (agnostic and language lists are empty)"
-            )
         bad = [r for r in rows if r >= layer_out]
         if bad:
             raise AdapterMismatchError(

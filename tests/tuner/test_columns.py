@@ -12,9 +12,8 @@ import copy
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from testing_utils import adapted
+from testing_utils import ShapeRecorder, adapted
 from tiny_models import make_loss_inputs, make_model
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from neuron_peft import NeuronSelectConfig, route
 from neuron_peft.errors import AdapterMismatchError
@@ -259,28 +258,12 @@ def test_columns_only_layer_keeps_only_the_selected_input_channels_for_backward(
     assert x.grad is not None
 
 
-class _Shapes(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.shapes = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        """Record the shapes of newly allocated tensors (views and in-place results share an input's storage)."""
-        out = func(*args, **(kwargs or {}))
-        inputs = [a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, torch.Tensor)]
-        storages = {a.untyped_storage().data_ptr() for a in inputs}
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in storages:
-                self.shapes.add(tuple(t.shape))
-        return out
-
-
 @pytest.mark.parametrize("path", ["auto", "additive"])
 def test_no_dense_weight_gradient_is_formed(path):
     _, model = build_columns("llama", path=path, rows_too=True)
     shapes = {s for layer in adapted(model).values() for s in [(layer.out_features, layer.in_features)]}
     loss = model(**make_loss_inputs("llama")).loss
-    with _Shapes() as rec:
+    with ShapeRecorder() as rec:
         loss.backward()
     assert not (rec.shapes & shapes), rec.shapes & shapes
 

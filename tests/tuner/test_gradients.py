@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from testing_utils import adapted, assert_grads_match, build, dense_reference
+from testing_utils import ShapeRecorder, adapted, assert_grads_match, build, dense_reference
 from tiny_models import make_loss_inputs
-from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def run_loss(model, arch, micro=1, seed=1):
@@ -116,22 +115,6 @@ def test_adamw_steps_match_dense_training_of_rows():
         torch.testing.assert_close(model(**inputs).logits, ref(**inputs).logits, atol=1e-5, rtol=1e-5)
 
 
-class _ShapeRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.shapes = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        """Record the shapes of newly allocated tensors (views of existing storage are free)."""
-        out = func(*args, **(kwargs or {}))
-        inputs = [a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, torch.Tensor)]
-        storages = {a.untyped_storage().data_ptr() for a in inputs}
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in storages:
-                self.shapes.add(tuple(t.shape))
-        return out
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("path", ["live", "additive"])
 def test_no_dense_weight_gradient_is_formed(arch, path):
@@ -146,7 +129,7 @@ def test_no_dense_weight_gradient_is_formed(arch, path):
             assert tuple(p.shape) not in weight_shapes
     model.train()
     loss = model(**make_loss_inputs(arch, batch=2, seq=7)).loss
-    recorder = _ShapeRecorder()
+    recorder = ShapeRecorder()
     with recorder:
         loss.backward()
     assert not (recorder.shapes & weight_shapes), recorder.shapes & weight_shapes
@@ -177,7 +160,7 @@ def test_shape_recorder_sees_dense_weight_gradients():
     ref = dense_reference(base, model)
     ref.train()
     loss = ref(**make_loss_inputs("llama", batch=2, seq=7)).loss
-    recorder = _ShapeRecorder()
+    recorder = ShapeRecorder()
     with recorder:
         loss.backward()
     assert (64, 32) in recorder.shapes
