@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -278,13 +277,7 @@ class NeuronSelection:
         clash = sorted({"target_modules", "neurons", "language_neurons", "columns", "language_columns"} & set(kwargs))
         if clash:
             raise TypeError(f"to_config() sets {clash} from the selection; do not pass them")
-        chosen = self.config_kwargs(model)
-        if "columns" in chosen and "columns" not in {f.name for f in dataclasses.fields(NeuronSelectConfig)}:
-            raise NotImplementedError(
-                f"this unit={self.unit!r} selection trains columns, but this NeuronSelectConfig has no 'columns' "
-                "field (the column tuner is not installed); config_kwargs() returns the chosen rows and columns"
-            )
-        return NeuronSelectConfig(**{**chosen, "train_bias": train_bias, **kwargs})
+        return NeuronSelectConfig(**{**self.config_kwargs(model), "train_bias": train_bias, **kwargs})
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: Union[str, os.PathLike]) -> None:

@@ -10,14 +10,13 @@ the deltas with one plain process on the whole batches, and reloads the saved ad
 from __future__ import annotations
 
 import os
-import time
 import traceback
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-from test_distributed import WORLD, _free_port, build, deltas, global_batches
+from distributed_utils import build, deltas, global_batches, run_workers
 from tiny_models import tiny_qwen2
 
 if not torch.cuda.is_available():
@@ -76,21 +75,8 @@ def _worker(rank, world, port, out_dir):
 
 @pytest.fixture(scope="module")
 def zero3(tmp_path_factory):
-    import torch.multiprocessing as mp
-
     out_dir = str(tmp_path_factory.mktemp("zero3"))
-    ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), out_dir), nprocs=WORLD, join=False,
-                             start_method="spawn")  # fmt: skip
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"ZeRO-3 workers did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    ranks = run_workers(_worker, out_dir, TIMEOUT_S, "ZeRO-3 workers")
     for rank, r in enumerate(ranks):
         if "error" in r:
             pytest.fail(f"rank {rank} failed under ZeRO-3:\n{r['error']}")

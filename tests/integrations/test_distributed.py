@@ -10,60 +10,21 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
-import time
 import traceback
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-from peft import get_peft_model
-from tiny_models import VOCAB, routed_llama_config, tiny_qwen2
+from distributed_utils import GROUPS, TARGETS, build, deltas, global_batches, run_workers
+from tiny_models import VOCAB, tiny_qwen2
 
-from neuron_peft import NeuronSelectConfig, NeuronSelectLayer, select_neurons
+from neuron_peft import NeuronSelectLayer, select_neurons
 from neuron_peft.distributed import prepare_for_sharding
 
-WORLD = 2
 TIMEOUT_S = 150
-STEPS = 3
-GROUPS = ["fr", "de"]
-TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
-
-
-# ---------------------------------------------------------------------------------------------------- shared setup
-def routed_config(path: str) -> NeuronSelectConfig:
-    """3 agnostic rows and 2 rows per language in every targeted layer."""
-    return routed_llama_config(GROUPS, update_path=path)
-
-
-def build(path: str):
-    return get_peft_model(tiny_qwen2(seed=0), routed_config(path))
-
-
-def global_batches():
-    """STEPS global batches of 4 samples (equal lengths, no padding) with mixed groups on every rank's half."""
-    gen = torch.Generator().manual_seed(5)
-    out = []
-    for step in range(STEPS):
-        ids = torch.randint(1, VOCAB, (4, 9), generator=gen)
-        groups = [["fr", "de", "de", "fr"], ["de", "de", "fr", "fr"], ["fr", "fr", "de", "de"]][step % 3]
-        out.append((ids, groups))
-    return out
-
-
-def deltas(model) -> dict[str, torch.Tensor]:
-    """Every trainable tensor by name, as a full (unsharded) CPU tensor."""
-    out = {}
-    for name, p in model.named_parameters():
-        if "neuron_select_" in name:
-            t = p.detach()
-            if hasattr(t, "full_tensor"):
-                t = t.full_tensor()
-            out[name.replace("_fsdp_wrapped_module.", "")] = t.clone().cpu()
-    return out
 
 
 def train(model, batches, rank=0, world=1, call=None):
@@ -207,30 +168,10 @@ def _worker(rank, world, port, out_dir):
 
 
 # ---------------------------------------------------------------------------------------------------- parent side
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def worker_results(tmp_path_factory):
-    import torch.multiprocessing as mp
-
     out_dir = str(tmp_path_factory.mktemp("dist"))
-    ctx = mp.start_processes(
-        _worker, args=(WORLD, _free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return run_workers(_worker, out_dir, TIMEOUT_S, "distributed workers")
 
 
 def _scenario(results, name):

@@ -7,7 +7,6 @@ those fields."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 
 import pytest
@@ -17,14 +16,10 @@ from tiny_models import tiny_gemma3, tiny_gpt2, tiny_llama, tiny_qwen2, tiny_t5
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from neuron_peft import AdapterMismatchError, NeuronSelectConfig
+from neuron_peft import AdapterMismatchError
 from neuron_peft.selection import UNITS, NeuronSelection, resolve_target_modules, select_neurons
 from neuron_peft.selection.channels import unit_layers
 
-HAS_COLUMNS = "columns" in {f.name for f in dataclasses.fields(NeuronSelectConfig)}
-needs_column_tuner = pytest.mark.skipif(
-    not HAS_COLUMNS, reason="NeuronSelectConfig has no 'columns' field yet (the column tuner of issue 26)"
-)
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 # output projections of the tiny models, in module order
 PROJECTIONS = {
@@ -287,16 +282,12 @@ def test_older_files_load_as_rows_and_the_default_unit_is_row(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- config
-@pytest.mark.skipif(HAS_COLUMNS, reason="the column tuner is installed: to_config builds the config")
-def test_to_config_without_the_column_tuner_says_so():
+def test_to_config_refuses_the_fields_it_sets_from_the_selection():
     sel = select_neurons(tiny_llama(), calibration(), unit="channel", progress=False)
-    with pytest.raises(NotImplementedError, match="no 'columns' field"):
-        sel.to_config()
     with pytest.raises(TypeError, match="columns"):
         sel.to_config(columns={})
 
 
-@needs_column_tuner
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("unit", ["channel", "mlp_neuron"])
 def test_config_trains_exactly_the_selected_columns(arch, unit):
