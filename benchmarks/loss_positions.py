@@ -79,8 +79,11 @@ def main(argv=None, log: Callable[[str], None] = print) -> dict:
     ap.add_argument("--share", type=float, default=0.018, help="trainable share of linear weights (rows, LoRA rank)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json", default=None, help="write every timing here")
+    ap.add_argument("--json", default=None, help="write every timing here (a new file unless --overwrite)")
+    ap.add_argument("--overwrite", action="store_true", help="let --json replace an existing file")
     args = ap.parse_args(argv)
+    if args.json and Path(args.json).exists() and not args.overwrite:
+        raise SystemExit(f"--json {args.json} exists; pass --overwrite to replace it (refused before any timing)")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     losses = [x.strip() for x in args.losses.split(",") if x.strip()]
     bad = [m for m in methods if m not in METHODS] + [x for x in losses if x not in LOSSES]
