@@ -16,7 +16,10 @@ Protocol (every number in the output says which of these it is):
   ``neuron_ratio`` 1.0 is the paper setting (40% of layers, all their rows).
 * Methods (``METHODS``): Taylor and its ranking variants, random rows in Taylor's layers, random rows everywhere,
   magnitude rows everywhere, NeuMT activation-change layers (reference = this run's full fine-tune), LoRA, DoRA,
-  full fine-tuning (budget-free), zero-shot.
+  full fine-tuning (budget-free), zero-shot; and the column units (issue 26), each scored once on the same
+  calibration batches: ``channel`` (Taylor input channels of o_proj / down_proj, the same share of each, routed
+  1:9), ``channel-random`` (as many random channels per output projection, unrouted: S2FT's choice) and
+  ``mlp-neuron`` (gate/up row j + down_proj column j by Taylor score, routed), their own LR family ("column").
 * Learning rate: per method and budget on seed 0, by mean dev NLL (``n_dev`` pairs per language), starting from the
   family grid; while the best value sits at an edge of what was tried, the next value beyond it (x or / ``factor``)
   is tried, up to ``max_extend`` times (a diverged run counts as infinitely bad). The other seeds reuse the pick.
@@ -64,6 +67,7 @@ from common.matched import (  # noqa: E402
     LAYER_RATIO,
     METHODS,
     SPECIFIC_RATIO,
+    UNIT_OF,
     budget_free,
     budget_selections,
     build,
@@ -204,9 +208,11 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     zero_shot(s)
     base_sel, calib = taylor_scores(s, data, out_dir / "taylor_scores", args.resume)
+    units = sorted({UNIT_OF[m] for nr in p.budgets for m in methods_for(p, nr) if m in UNIT_OF})
+    unit_sels = {u: unit_scores(s, calib, u, out_dir / f"taylor_scores_{u}", args.resume) for u in units}
 
     for nr in p.budgets:
-        bsel, binfo = budget(s, base_sel, nr, sizes)
+        bsel, binfo = budget(s, base_sel, nr, sizes, unit_sels)
         for method in methods_for(p, nr):
             if method == "zero-shot":
                 continue
@@ -387,9 +393,24 @@ def taylor_scores(s: Session, data, sel_dir: Path, reuse: bool):
     return base_sel, calib
 
 
-def budget(s: Session, base_sel, nr: float, sizes: dict) -> tuple[dict, dict]:
+def unit_scores(s: Session, calib, unit: str, sel_dir: Path, reuse: bool):
+    """The Taylor scores of a column unit ("channel": input channels of o_proj/down_proj; "mlp_neuron"), from the same
+    calibration batches as the rows; saved in ``sel_dir`` and reused from there with ``reuse`` (--resume)."""
+    if reuse and (sel_dir / "neuron_selection.json").is_file():
+        s.log(f"  {unit} scores reused from {sel_dir}")
+        return NeuronSelection.load(sel_dir)
+    t = time.perf_counter()
+    sel = select_neurons(s.base, calib, unit=unit, layer_ratio=LAYER_RATIO, specific_ratio=SPECIFIC_RATIO,
+                         row_selection="per_layer", progress=False)  # fmt: skip
+    s.results.setdefault("unit_select_seconds", {})[unit] = time.perf_counter() - t
+    sel.save(sel_dir)
+    s.log(f"  Taylor {unit} scoring {time.perf_counter() - t:.1f} s ({len(sel.layers)} layers)")
+    return sel
+
+
+def budget(s: Session, base_sel, nr: float, sizes: dict, unit_sels=None) -> tuple[dict, dict]:
     """(every method's selection at budget ``nr``, the budget's record in results["budgets"])."""
-    bsel = budget_selections(base_sel, nr, sizes)
+    bsel = budget_selections(base_sel, nr, sizes, unit_sels=unit_sels)
     binfo = {"neuron_ratio": nr, "budget_weights": bsel["budget"], "share": bsel["share"],
              "lora_rank": lora_rank(bsel["budget"], sizes),
              "selections": {m: selection_record(x) for m, x in bsel["selections"].items()}}  # fmt: skip

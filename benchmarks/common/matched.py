@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .models import NEURON_KW, lora_config, rows_config
+from .models import NEURON_KW, exact_regex, lora_config, rows_config
 
 LAYER_RATIO = 0.4
 SPECIFIC_RATIO = 0.1
@@ -45,9 +45,11 @@ METHODS = {
     "lora-r16": ("lora", "LoRA all-linear, rank 16, alpha = 2r (fixed rank, budget-free)"),
     "lora-r64": ("lora", "LoRA all-linear, rank 64, alpha = 2r (fixed rank, budget-free)"),
     "dora-best": ("lora", "DoRA at the rank of the fixed-rank LoRA with the best dev NLL (run after them)"),
-    # Hook for channel-unit methods (issue 24: channel, channel-random, mlp-neuron, built in the tuner/selection by
-    # another change): add their name here with the "neuron" family, a branch in `build` that returns their model,
-    # and their name to `common.preset.UNIT_METHODS`; the long preset then runs them at both budgets.
+    # column units (issue 26): input channels of the output projections (o_proj, down_proj) or whole MLP neurons,
+    # at the same trained weights; their own LR family, since columns write straight into the residual stream
+    "channel": ("column", "Taylor input channels |x dL/dx| of o_proj/down_proj, same share of each, routed"),
+    "channel-random": ("column", "random input channels, channel's count per output projection, unrouted (S2FT)"),
+    "mlp-neuron": ("column", "Taylor MLP neurons: gate/up row j + down_proj column j, same share per block, routed"),
 }
 _FIXED_RANK = re.compile(r"^(lora|dora)-r(\d+)$")
 
@@ -85,8 +87,13 @@ def lora_rank(budget_weights: int, sizes: dict) -> int:
     return max(1, int(round(budget_weights / per_rank)))
 
 
-def budget_selections(base_sel, nr: float, sizes: dict, reference_sel=None) -> dict:
-    """Every row-selection method's NeuronSelection at the budget fixed by Taylor at (0.4, nr)."""
+# method -> the `select_neurons(unit=...)` scores it is decided from
+UNIT_OF = {"channel": "channel", "channel-random": "channel", "mlp-neuron": "mlp_neuron"}
+
+
+def budget_selections(base_sel, nr: float, sizes: dict, reference_sel=None, unit_sels=None) -> dict:
+    """Every row-selection method's NeuronSelection at the budget fixed by Taylor at (0.4, nr); with ``unit_sels``
+    (``{unit: NeuronSelection}`` scored with that unit) also the column-unit methods at the same weights."""
 
     def variant(src, **kw):
         s = copy.copy(src)
@@ -125,7 +132,34 @@ def budget_selections(base_sel, nr: float, sizes: dict, reference_sel=None) -> d
     out["taylor-raw-groups"] = layers_matched(base_sel, score_normalization="none", group_normalization="none")
     if reference_sel is not None:
         out["neumt"] = layers_matched(reference_sel, score_normalization="none")
+    for method, unit in UNIT_OF.items():
+        if unit_sels and unit in unit_sels and method != "channel-random":
+            out[method] = unit_matched(unit_sels[unit], budget)
     return {"budget": budget, "share": share, "selections": out}
+
+
+def unit_matched(sel, budget: int):
+    """A column-unit selection (`select_neurons(unit=...)`) re-decided per layer to train ``budget`` weights: the
+    same share of every scored layer's units (rounding per layer aside), 1:9 language-specific, routed."""
+    s = copy.copy(sel)
+    total = sum(n * c for n, c in zip(s.unit_counts(), s.unit_costs()))
+    s.layer_ratio = {p: LAYER_RATIO for p in s.layer_ratio}
+    s.neuron_ratio, s.specific_ratio, s.row_selection = 1.0, SPECIFIC_RATIO, "per_layer"
+    s.score_normalization, s.weight_ratio = "none", min(1.0, budget / total)
+    s.decide()
+    return s
+
+
+def random_columns(sel, seed: int) -> dict[str, list[int]]:
+    """S2FT's choice: per output projection as many random input channels as ``sel`` (channel) trains there."""
+    agnostic, specific = sel.chosen_units()
+    counts = {n: len(agnostic.get(n, [])) + sum(len(g.get(n, [])) for g in specific.values()) for n in sel.layers}
+    out = {}
+    for i, (n, n_in) in enumerate(zip(sel.layers, sel.unit_counts())):
+        if counts[n]:
+            gen = torch.Generator().manual_seed(seed * 100_003 + i)
+            out[n] = sorted(torch.randperm(n_in, generator=gen)[: counts[n]].tolist())
+    return out
 
 
 def build(method: str, base, bsel: dict, sizes: dict, seed: int):
@@ -143,12 +177,19 @@ def build(method: str, base, bsel: dict, sizes: dict, seed: int):
         r = fixed_rank(method) or lora_rank(bsel["budget"], sizes)
         return get_peft_model(model, lora_config(r, sorted(sizes), dora=method.startswith("dora"))), False
     sels = bsel["selections"]
+    if method == "channel-random":
+        from neuron_peft import NeuronSelectConfig
+
+        cols = random_columns(sels["channel"], seed)
+        cfg = NeuronSelectConfig(target_modules=exact_regex(cols), columns=cols, **NEURON_KW)
+        return get_peft_model(model, cfg), False
     if method in sels:
         sel = sels[method]
         cfg = sel.to_config(model=base, **NEURON_KW)
-        if cfg.language_neurons:  # a group that owns no row must still be a known routing group
+        routed = bool(cfg.language_neurons or cfg.language_columns)
+        if routed:  # a group that owns no row or column must still be a known routing group
             cfg = replace_groups(cfg, sel.groups)
-        return get_peft_model(model, cfg), bool(sel.language_neurons)
+        return get_peft_model(model, cfg), routed
     modules = dict(base.named_modules())
     if method == "random-layers":
         t = sels["taylor"]
@@ -164,12 +205,14 @@ def build(method: str, base, bsel: dict, sizes: dict, seed: int):
 
 
 def replace_groups(cfg, groups):
-    """The config with every calibration group present in ``language_neurons`` (empty when it owns no row)."""
+    """The config with every calibration group present in ``language_neurons`` (empty when it owns no row), or in
+    ``language_columns`` when the config routes columns only."""
     from neuron_peft import NeuronSelectConfig
 
-    language = {g: dict(cfg.language_neurons.get(g, {})) for g in groups}
+    field = "language_neurons" if cfg.language_neurons or not cfg.language_columns else "language_columns"
+    language = {g: dict((getattr(cfg, field) or {}).get(g, {})) for g in groups}
     fields = {k: v for k, v in cfg.to_dict().items() if k in NeuronSelectConfig.__dataclass_fields__}
-    fields.update(language_neurons=language)
+    fields[field] = language
     return NeuronSelectConfig(**{k: v for k, v in fields.items() if k not in ("peft_type", "auto_mapping")})
 
 
@@ -207,12 +250,14 @@ def selection_record(sel) -> dict:
 
 
 def type_counts(sel) -> dict:
-    """Selected rows per module type (q_proj, gate_proj, ...)."""
+    """Selected units per scored module type (q_proj, gate_proj, ...): rows, or columns / MLP neurons (counted at
+    their writer, down_proj / o_proj) for the column units."""
     from neuron_peft.selection import module_type
 
+    agnostic, specific = sel.chosen_units()
     out: dict[str, int] = {}
     for n, p in zip(sel.layers, sel.parts):
-        k = len(sel.neurons.get(n, [])) + sum(len(r.get(n, [])) for r in sel.language_neurons.values())
+        k = len(agnostic.get(n, [])) + sum(len(r.get(n, [])) for r in specific.values())
         if k:
             t = module_type(n, p).split(":")[1]
             out[t] = out.get(t, 0) + k

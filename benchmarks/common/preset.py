@@ -180,9 +180,8 @@ class SelectionPreset:
     eval_every: int = 0  # dev NLL every this many steps during training (the dev curve); 0 = only at the end
 
 
-# channel-unit methods (channel, channel-random, mlp-neuron; issue 24) join the long preset's methods here once
-# common/matched.py builds them (see the hook in matched.METHODS)
-UNIT_METHODS: tuple[str, ...] = ()
+# column-unit methods (issue 26; built in common/matched.py), run at every budget of the long preset
+UNIT_METHODS: tuple[str, ...] = ("channel", "channel-random", "mlp-neuron")
 _LONG_FREE = ("full", "lora-r8", "lora-r16", "lora-r64", "dora-best")  # budget-free: trained once
 _NS = ("taylor", "taylor-agnostic", "taylor-type-rank", "taylor-per-layer", "taylor-global-rank")
 SELECTION_PRESETS = {
@@ -214,10 +213,13 @@ SELECTION_PRESETS = {
                 "lora",
                 "dora",
                 "full",
+                "channel",
+                "channel-random",
+                "mlp-neuron",
             ),
             "1.0": ("taylor", "random-all", "lora"),
         },
-        grids={"full": [1e-3], "lora": [3e-3], "neuron": [1e-2]},
+        grids={"full": [1e-3], "lora": [3e-3], "neuron": [1e-2], "column": [1e-2]},
         max_extend=1,
         eval_batch_size=8,
         threads=1,
@@ -240,7 +242,7 @@ SELECTION_PRESETS = {
         seeds=(0,),
         budgets=(0.05,),
         methods={"0.05": ("taylor", "random-all", "lora")},
-        grids={"lora": [3e-4, 1e-3, 3e-3], "neuron": [3e-5, 1e-4, 3e-4]},
+        grids={"lora": [3e-4, 1e-3, 3e-3], "neuron": [3e-5, 1e-4, 3e-4], "column": [3e-5, 1e-4, 3e-4]},
         max_extend=1,
         note="protocol check (< 15 min on a quiet 2-core host): 3 methods at the ~1.8% budget, 1 seed, 16 steps, "
         "24 dev / 24 test pairs per language; too small to rank methods",
@@ -279,7 +281,14 @@ SELECTION_PRESETS = {
         },
         # start grids centred on the quick preset's picks (rows 3e-4..9e-4, LoRA 1e-3), so most picks are interior
         # without an extension; the edge rule still extends where they are not
-        grids={"full": [1e-5, 3e-5, 1e-4], "lora": [3e-4, 1e-3, 3e-3], "neuron": [1e-4, 3e-4, 1e-3]},
+        # columns write straight into the residual stream (a first probe found Taylor columns far behind rows at
+        # 3e-4): their grid starts a third lower, reaching 3e-5, and extends while the pick is at an edge
+        grids={
+            "full": [1e-5, 3e-5, 1e-4],
+            "lora": [3e-4, 1e-3, 3e-3],
+            "neuron": [1e-4, 3e-4, 1e-3],
+            "column": [3e-5, 1e-4, 3e-4],
+        },
         note="3 seeds; budgets ~1.8% and ~10% of linear weights plus the paper setting (40% of layers, all rows); "
         "20 steps x 8 mixed-language pairs (verses <= 100 chars, so the dev books give >= 50 pairs per language); "
         "50 dev / 50 test pairs per language (NLL), 10 per language decoded; 75 training runs (~2.5 h on a quiet "
@@ -304,7 +313,12 @@ SELECTION_PRESETS = {
         methods={"*": ("taylor-per-layer", *UNIT_METHODS, *_LONG_FREE)},
         # 4-value start grids reaching 10x the 20-step picks (rows 3e-4 at 1.8% / 1e-4 at 9%, LoRA 1e-3 at r 8,
         # full 3e-5), extended x/÷3 while the pick sits at an edge, so every pick is interior or flagged EDGE
-        grids={"full": [1e-5, 3e-5, 1e-4, 3e-4], "lora": [3e-4, 1e-3, 3e-3, 1e-2], "neuron": [1e-4, 3e-4, 1e-3, 3e-3]},
+        grids={
+            "full": [1e-5, 3e-5, 1e-4, 3e-4],
+            "lora": [3e-4, 1e-3, 3e-3, 1e-2],
+            "neuron": [1e-4, 3e-4, 1e-3, 3e-3],
+            "column": [3e-5, 1e-4, 3e-4, 1e-3],
+        },
         max_extend=2,
         warmup_ratio=0.06,
         eval_every=50,
@@ -312,7 +326,8 @@ SELECTION_PRESETS = {
         device="auto",
         note="long training (issue 24): 750 steps x 16 over 1000 pairs per language (3 epochs of 4000 pairs), "
         "warm-up 6% then cosine; verses <= 100 chars; 50 dev / 100 test pairs per language; LoRA r 8/16/64, DoRA "
-        "at LoRA's best rank, per-layer Taylor rows at the 1.8% and 9% budgets, full FT; dev NLL every 50 steps; "
+        "at LoRA's best rank, per-layer Taylor rows and the column units (channel, channel-random, mlp-neuron) at the "
+        "1.8% and 9% budgets, full FT; dev NLL every 50 steps; "
         "3 seeds at each picked LR; sized for a GPU (CPU estimate in benchmarks/README.md)",
     ),  # fmt: skip
 }

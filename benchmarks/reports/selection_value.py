@@ -58,7 +58,7 @@ def summarise(results: dict) -> dict:
             }  # fmt: skip
         for m, r in rows.items():
             r["paired"] = {}
-            for b in ("taylor", "random-all", "random-layers", "magnitude", "lora"):
+            for b in ("taylor", "taylor-per-layer", "random-all", "random-layers", "magnitude", "lora"):
                 if b in rows and b != m:
                     r["paired"][b] = paired_bootstrap(r["_test_sent"], rows[b]["_test_sent"], groups["test"])
             r["paired_forget_zero"] = paired_bootstrap(r["_forget_sent"], z["forget_test"], groups["forget_test"])
@@ -97,6 +97,7 @@ ROW_CRITERION_PAIRS = (
     ("taylor-per-layer", "random-all", "same share of every layer"),
     ("taylor-per-layer", "magnitude", "same share of every layer"),
     ("magnitude", "random-all", "same share of every layer"),
+    ("channel", "channel-random", "same columns per output projection"),
 )
 
 
@@ -139,8 +140,9 @@ def write_report(results: dict, out_dir: Path, log) -> str:
         info_b = b["info"]
         lines += ["", f"**Budget {100 * info_b['share']:.2f}% of linear weights** ({info_b['budget_weights']:,} "
                   f"weights; Taylor layer_ratio {LAYER_RATIO}, neuron_ratio {nr}; LoRA/DoRA r {info_b['lora_rank']})", "",
-                  "| method | LR (grid) | trainable | dev NLL | **test NLL** | Δ vs taylor [95%] | Δ vs random-all [95%] | Δ vs "
-                  "LoRA [95%] | chrF | BLEU | forget sw/id Δ | English Δ |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| method | LR (grid) | trainable | dev NLL | **test NLL** | Δ vs taylor [95%] | Δ vs taylor-per-layer [95%] | "
+                  "Δ vs random-all [95%] | Δ vs LoRA [95%] | chrF | BLEU | forget sw/id Δ | English Δ |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for m, r in sorted(b["rows"].items(), key=lambda kv: kv[1]["test"][0]):
 
             def d(base, r=r):
@@ -149,7 +151,7 @@ def write_report(results: dict, out_dir: Path, log) -> str:
 
             grid = "/".join(f"{g:g}" for g in r["grid"])
             lines.append(f"| {m} ({r['seeds']} seed{'s' if r['seeds'] > 1 else ''}) | {r['lr']:g} ({grid}){' EDGE' if r['at_edge'] else ''} | {r['trainable']:,} | "
-                         f"{fmt_pm(r['dev'])} | **{fmt_pm(r['test'])}** | {d('taylor')} | {d('random-all')} | {d('lora')} | "
+                         f"{fmt_pm(r['dev'])} | **{fmt_pm(r['test'])}** | {d('taylor')} | {d('taylor-per-layer')} | {d('random-all')} | {d('lora')} | "
                          f"{fmt_pm(r['chrf'], 2)} | {fmt_pm(r['bleu'], 2)} | {fmt_pm(r['forget'])} | {fmt_pm(r['english'])} |")  # fmt: skip
         fixed = row_criterion_pairs(b["rows"])
         if fixed:

@@ -195,3 +195,31 @@ def test_score_concentration_against_hand_values():
     out = score_concentration(sel, shares=(0.25, 0.5))
     assert out["q_proj"] == {"top25%": round((0.4 + 0.25) / 2, 3), "top50%": round((0.7 + 0.5) / 2, 3)}
     assert out["v_proj"] == {"top25%": 1.0, "top50%": 1.0}
+
+
+def test_column_methods_train_columns_of_the_output_projections_at_the_budget(sv, run):
+    """channel / channel-random / mlp-neuron train as many weights as taylor (per-layer rounding aside); the
+    channel scores cover only o_proj / down_proj; channel-random takes channel's count in every projection, distinct
+    in-range columns that change with the seed."""
+    matched = importlib.import_module("common.matched")
+    from neuron_peft.selection import NeuronSelection
+
+    results, out, _ = run
+    budget = results["budgets"]["0.25"]["budget_weights"]
+    got = {k.split("|")[1]: r["trainable"] for k, r in results["runs"].items() if k.startswith("0.25|") and "test" in r}
+    for m in ("channel", "channel-random", "mlp-neuron"):
+        assert abs(got[m] - budget) <= 0.05 * budget, (m, got[m], budget)
+    assert got["channel"] == got["channel-random"]
+    sel = NeuronSelection.load(out / "taylor_scores_channel")
+    assert sel.layers and all(n.endswith(("self_attn.o_proj", "mlp.down_proj")) for n in sel.layers)
+    ch = matched.unit_matched(sel, budget)
+    # a column of an (out, in) projection holds out_features weights; the tiny Llama has no biases
+    agn, spec = ch.chosen_units()
+    count = {n: len(agn.get(n, [])) + sum(len(g.get(n, [])) for g in spec.values()) for n in ch.layers}
+    out_f = dict(zip(ch.layers, ch.out_features))
+    assert sum(k * out_f[n] for n, k in count.items()) == got["channel"]
+    rand = matched.random_columns(ch, seed=0)
+    assert {n: len(c) for n, c in rand.items()} == {n: k for n, k in count.items() if k}
+    n_in = dict(zip(sel.layers, sel.unit_counts()))
+    assert all(len(set(c)) == len(c) and 0 <= min(c) and max(c) < n_in[n] for n, c in rand.items())
+    assert rand != matched.random_columns(ch, seed=1)
