@@ -16,6 +16,10 @@ Peak memory is measured in a separate, untimed pass per method, with nothing els
     time order; the peak of live bytes during the second step is the method's peak (weights + optimizer state +
     gradients + activations + any copies the method keeps).
 
+Column units (``--columns``, issue 26): random input channels of ``o_proj`` / ``down_proj`` ("channel-*") and random
+MLP neurons (``gate_proj`` / ``up_proj`` row j + ``down_proj`` column j, "mlp-neuron-*"), each at LoRA r16's
+trainable count ("-lora") and at neuron-10's ("-10"), the same share of every projection or block.
+
 Inference overhead: forward-only (``torch.no_grad``, eval mode) time of the base model vs NeuronSelect 10%
 unmerged and vs NeuronSelect 10% after ``merge_adapter()``, also interleaved.
 
@@ -28,11 +32,13 @@ Usage::
     python benchmarks/speed.py --preset cpu                 # ~34M Llama, fp32, 8x128 tokens, 2 threads
     python benchmarks/speed.py --preset gpu-1b --json out.json
     python benchmarks/speed.py --preset cpu --methods neuron-10,lora,floor --rounds 3
+    python benchmarks/speed.py --preset cpu --columns --dtype bfloat16         # + the column units
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import math
 import statistics
@@ -148,6 +154,52 @@ def _neuron_routed(ratio: float, specific: float = 0.1) -> Callable:
     return make
 
 
+OUTPUT_PROJECTIONS = ("o_proj", "down_proj")
+
+
+def _trainable_of(method: str, base) -> int:
+    """Trainable parameters `method` has on (a copy of) this base: the count a column method is matched to."""
+    model = BUILDERS[method](copy.deepcopy(base))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _columns(match: str, mlp_neuron: bool = False) -> Callable:
+    """Random column units at the trainable count of ``match`` (``"lora"``: LoRA r16; ``"neuron-10"``): the same
+    share of every output projection's input channels (``o_proj``, ``down_proj``; a column holds out_features
+    weights), or with ``mlp_neuron`` the same share of every MLP block's neurons (``gate_proj`` / ``up_proj`` row j
+    and ``down_proj`` column j). Random like S2FT's choice; which units are picked does not change the step cost."""
+
+    def make(base):
+        budget = _trainable_of(match, base)
+        gen = torch.Generator().manual_seed(0)
+        modules = [(n, m) for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)]
+        writers = [(n, m) for n, m in modules if n.rsplit(".", 1)[-1] in (("down_proj",) if mlp_neuron
+                                                                         else OUTPUT_PROJECTIONS)]  # fmt: skip
+        by_name = dict(modules)
+        if mlp_neuron:  # neuron j: down column j (out weights) + gate and up row j (in weights each)
+            cost = {
+                n: m.out_features + 2 * by_name[n.replace("down_proj", "gate_proj")].in_features for n, m in writers
+            }
+        else:
+            cost = {n: m.out_features for n, m in writers}
+        total = sum(cost[n] * m.in_features for n, m in writers)
+        if budget > total:
+            raise SystemExit(f"{match}'s {budget:,} trainable parameters exceed every column unit ({total:,})")
+        share = budget / total
+        columns, rows = {}, {}
+        for n, m in writers:
+            k = max(1, round(share * m.in_features))
+            columns[n] = sorted(torch.randperm(m.in_features, generator=gen)[:k].tolist())
+            if mlp_neuron:
+                for reader in ("gate_proj", "up_proj"):
+                    rows[n.replace("down_proj", reader)] = columns[n]
+        targets = ["gate_proj", "up_proj", "down_proj"] if mlp_neuron else list(OUTPUT_PROJECTIONS)
+        cfg = NeuronSelectConfig(target_modules=targets, columns=columns, neurons=rows or None)
+        return get_peft_model(base, cfg)
+
+    return make
+
+
 def _lora(dora: bool) -> Callable:
     def make(base):
         return get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=list(TARGETS), use_dora=dora))
@@ -176,7 +228,13 @@ BUILDERS: dict[str, Callable] = {
     "neuron-10-additive": _neuron(0.1, "additive"),
     # --routing: 10% rows, 1:9 split over 4 groups, mixed-language batches (compare with neuron-10, unrouted)
     "neuron-10-routed": _neuron_routed(0.1),
+    # --columns: column units (issue 26) at LoRA r16's and at neuron-10's trainable count
+    "channel-lora": _columns("lora"),
+    "channel-10": _columns("neuron-10"),
+    "mlp-neuron-lora": _columns("lora", mlp_neuron=True),
+    "mlp-neuron-10": _columns("neuron-10", mlp_neuron=True),
 }
+COLUMN_METHODS = ["channel-lora", "channel-10", "mlp-neuron-lora", "mlp-neuron-10"]
 
 
 @dataclass
@@ -279,7 +337,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--device", choices=["cpu", "cuda"], help="override the preset's device")
-    p.add_argument("--methods", help=f"comma-separated subset of {','.join(BUILDERS)} (default: all but the last)")
+    p.add_argument("--methods", help=f"comma-separated subset of {','.join(BUILDERS)} (default: {','.join(METHODS)})")
     p.add_argument("--rounds", type=int, help="interleaved timing rounds (median over all)")
     p.add_argument("--warmup", type=int, help="untimed steps per method before the rounds")
     p.add_argument("--steps", type=int, help="timed steps per method per round")
@@ -295,6 +353,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory-only", action="store_true", help="only the peak-memory pass (no timing)")
     p.add_argument("--no-inference", action="store_true", help="skip the inference-overhead measurement")
     p.add_argument("--routing", action="store_true", help="also time neuron-10-routed (4 groups, mixed batches)")
+    p.add_argument("--columns", action="store_true", help=f"also time the column units {','.join(COLUMN_METHODS)}")
     p.add_argument("--json", metavar="PATH", help="write all results and raw timings to PATH")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = p.parse_args(argv)
@@ -315,6 +374,8 @@ def main(argv=None, log=print) -> Optional[dict]:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(METHODS)
     if args.routing:
         methods += [m for m in ("neuron-10", "neuron-10-routed") if m not in methods]
+    if args.columns:
+        methods += [m for m in COLUMN_METHODS if m not in methods]
     unknown = sorted(set(methods) - set(BUILDERS))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {list(BUILDERS)}")

@@ -66,6 +66,11 @@ def check_targets(results: dict) -> list[tuple[str, Optional[float], float, Opti
         ("neuron-10 peak memory / LoRA", r("neuron-10", "lora", "peak_mib"), 0.80),
         ("neuron-100 step time / full FT", r("neuron-100", "full", key), 1.05),
         ("neuron-100 peak memory / full FT", r("neuron-100", "full", "peak_mib"), 1.30),
+        # column units at LoRA r16's trainable count (issue 26)
+        ("channel-lora step time / LoRA", r("channel-lora", "lora", key), 0.90),
+        ("channel-lora peak memory / LoRA", r("channel-lora", "lora", "peak_mib"), 0.90),
+        ("mlp-neuron-lora step time / LoRA", r("mlp-neuron-lora", "lora", key), 0.90),
+        ("mlp-neuron-lora peak memory / LoRA", r("mlp-neuron-lora", "lora", "peak_mib"), 0.90),
         ("routed (4 groups, mixed batches) / unrouted step time", r("neuron-10-routed", "neuron-10", key), 1.05),
         ("unmerged inference overhead (neuron-10)", inf.get("neuron-10 unmerged", {}).get("overhead"), 0.05),
         (

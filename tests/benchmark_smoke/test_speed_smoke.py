@@ -96,3 +96,26 @@ def test_peak_replay(timing):
     assert timing.cpu_peak_bytes(prof, 0) == 150
     events.append(ev(9, 100))
     assert timing.cpu_peak_bytes(prof, 5) == 250
+
+
+def test_column_methods_match_their_reference_count_and_train_only_column_units(speed):
+    """channel-* train input columns of o_proj / down_proj only, mlp-neuron-* down_proj columns with the same
+    gate/up rows; both at neuron-10's count (the tiny model's LoRA r16 is larger than every column unit, so the
+    "-lora" variants are refused there, which is checked too). neuron-10 by hand: 10% of each projection's rows
+    (rounded) x inputs; tiny Llama per block q 64x64, k/v 32x64, o 64x64, gate/up 160x64, down 64x160."""
+    preset = speed.PRESETS["tiny"]
+    rows10 = [(6, 64), (3, 64), (3, 64), (6, 64), (16, 64), (16, 64), (6, 160)]
+    neuron10 = 2 * sum(k * i for k, i in rows10)
+    assert speed._count_trainable("neuron-10", preset) == neuron10
+    for name, per_unit in (("channel-10", 64), ("mlp-neuron-10", 64 + 2 * 64)):
+        model = speed.BUILDERS[name](speed.build_base(preset))
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert abs(n - neuron10) <= 2 * 2 * per_unit, (name, n, neuron10)  # rounding: a unit per writer
+        trained = {k for k, p in model.named_parameters() if p.requires_grad}
+        allowed = ("o_proj", "down_proj") if name.startswith("channel") else ("gate_proj", "up_proj", "down_proj")
+        assert trained and all(any(a in k for a in allowed) for k in trained), sorted(trained)
+        # the writers' weights train as columns (their row delta is the documented empty (0, in) one)
+        shapes = {k: p.shape for k, p in model.named_parameters() if p.requires_grad and p.numel()}
+        assert all("col_delta" in k for k in shapes if "down_proj" in k or "o_proj" in k), shapes
+    with pytest.raises(SystemExit, match="exceed every column unit"):
+        speed.BUILDERS["channel-lora"](speed.build_base(preset))
