@@ -211,6 +211,28 @@ def test_save_load_round_trip_file_size_and_mismatch(tmp_path):
         PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a")
 
 
+def test_columns_only_adapter_saves_and_loads(tmp_path):
+    """Every layer trains columns only, so its row delta is (0, in_features) and its rows buffer empty: both are real
+    (empty) values, saved as such (they were refused as if they were ZeRO-3 placeholders)."""
+    base, model = build_columns("llama")
+    batch = make_loss_inputs("llama")
+    with torch.no_grad():
+        want = dense_reference(base, model)(**batch).logits  # W0 + columns, built by hand
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    layers = adapted(model)
+    assert {tuple(v.shape) for k, v in saved.items() if ".neuron_select_delta" in k} == {(0, 32), (0, 64)}
+    assert sum(v.numel() for v in saved.values()) == sum(3 * layer.out_features + 3 for layer in layers.values())
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, want, atol=1e-5, rtol=1e-5)
+    for name, layer in adapted(loaded).items():
+        torch.testing.assert_close(layer.neuron_select_col_delta["default"], layers[name].neuron_select_col_delta["default"],
+                                   atol=0, rtol=0)  # fmt: skip
+
+
 def test_several_adapters_add_up():
     base = make_model("llama")
     model = get_peft_model(copy.deepcopy(base), column_config("llama", seed=0))
