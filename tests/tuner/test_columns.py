@@ -233,6 +233,31 @@ def test_columns_only_adapter_saves_and_loads(tmp_path):
                                    atol=0, rtol=0)  # fmt: skip
 
 
+def test_columns_only_layer_trains_only_tensors_that_can_move():
+    """The (0, in) row delta of a columns-only layer stays frozen through PEFT's set_adapter / set_requires_grad /
+    enable_adapter_layers (PEFT's generic suite requires every trainable adapter tensor to change in training)."""
+    base, model = build_columns("llama")
+    model.add_adapter("other", column_config("llama", seed=1, rows_too=True))
+    model.base_model.set_adapter(["default", "other"])
+    model.set_requires_grad(["default", "other"], True)
+    model.base_model.disable_adapter_layers()
+    model.base_model.enable_adapter_layers()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for layer in adapted(model).values():
+        assert not layer.neuron_select_delta["default"].requires_grad  # (0, in): frozen
+        assert layer.neuron_select_delta["other"].requires_grad  # 2 rows: trains
+    # hand count: default has (out, 3) column deltas; other has 2 rows + (out - 2, 3) columns (+ no bias: Llama)
+    want = sum(3 * m.out_features + 2 * m.in_features + (m.out_features - 2) * 3 for m in adapted(model).values())
+    assert sum(p.numel() for p in trainable.values()) == want
+    assert all(p.numel() for p in trainable.values())
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(**make_loss_inputs("llama")).loss.backward()
+    opt.step()
+    assert all(not torch.equal(p, before[n]) for n, p in trainable.items())
+    assert_base_is_w0(model, base)
+
+
 def test_several_adapters_add_up():
     base = make_model("llama")
     model = get_peft_model(copy.deepcopy(base), column_config("llama", seed=0))
