@@ -233,6 +233,19 @@ def test_columns_only_adapter_saves_and_loads(tmp_path):
                                    atol=0, rtol=0)  # fmt: skip
 
 
+def test_save_tells_empty_tensors_from_zero3_placeholders():
+    """Hand-made state dicts: a (0,) floating tensor is a ZeRO-3 placeholder (refused without a partitioned parameter
+    behind it); a (0, in) row delta and a (0,) int64 rows buffer are empty in full, kept under any key (FSDP's)."""
+    from neuron_peft.distributed import full_adapter_tensors
+
+    real = {"_fsdp_wrapped_module.x.neuron_select_delta.a": torch.zeros(0, 8), "x.neuron_select_indices.a":
+            torch.zeros(0, dtype=torch.long), "x.neuron_select_col_delta.a": torch.ones(4, 2)}  # fmt: skip
+    out = full_adapter_tensors(torch.nn.Linear(2, 2), real)
+    assert out.keys() == real.keys() and all(out[k] is v for k, v in real.items())
+    with pytest.raises(RuntimeError, match="refusing to save 'x.neuron_select_bias_delta.a'"):
+        full_adapter_tensors(torch.nn.Linear(2, 2), {**real, "x.neuron_select_bias_delta.a": torch.empty(0)})
+
+
 def test_columns_only_layer_trains_only_tensors_that_can_move():
     """The (0, in) row delta of a columns-only layer stays frozen through PEFT's set_adapter / set_requires_grad /
     enable_adapter_layers (PEFT's generic suite requires every trainable adapter tensor to change in training)."""
