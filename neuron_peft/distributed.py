@@ -172,7 +172,11 @@ def full_adapter_tensors(model: nn.Module, to_save: dict) -> dict:
     Under ZeRO-3 ``state_dict()`` holds each partitioned parameter as an empty placeholder; saving that would write
     (0,)-shaped deltas that cannot be loaded. The full values are gathered collectively (every rank must call
     ``save_pretrained``, as transformers' Trainer does; pass ``is_main_process=rank == 0`` so one rank writes).
-    Entries that are not empty placeholders are returned unchanged. A placeholder with no partitioned parameter
+    Entries that are not empty placeholders are returned unchanged. A placeholder is what DeepSpeed puts in a
+    partitioned parameter's place, ``torch.empty(0, dtype=param.dtype)``: a 1-D floating tensor. Other empty
+    tensors are empty in full and saved as they are: the ``(0, in_features)`` row delta of a layer that trains
+    columns only, and its empty integer rows buffer (told apart by shape, not by name, so that wrappers such as FSDP,
+    whose module names differ from the state-dict keys, do not matter). A placeholder with no partitioned parameter
     behind it is an error, never an empty file.
     """
     empty = [k for k, v in to_save.items() if isinstance(v, torch.Tensor) and v.numel() == 0]
@@ -183,6 +187,9 @@ def full_adapter_tensors(model: nn.Module, to_save: dict) -> dict:
     out = dict(to_save)
     for key in empty:
         param = partitioned.get(key)
+        placeholder_shaped = to_save[key].dim() == 1 and to_save[key].is_floating_point()
+        if param is None and not placeholder_shaped:
+            continue  # empty in full (a columns-only layer's row delta or rows buffer)
         if param is None:
             raise RuntimeError(
                 f"NeuronSelect: refusing to save {key!r}: it is empty and no DeepSpeed ZeRO-3 parameter stands behind "

@@ -2,7 +2,8 @@
 Conv1D).
 
 Per adapter the layer holds
-  * ``neuron_select_delta``      (k, in_features) trainable rows (k may be 0 when the layer trains columns only),
+  * ``neuron_select_delta``      (k, in_features) trainable rows (k may be 0 when the layer trains columns only;
+    that empty tensor is kept frozen, see ``frozen_peft_weight_names``),
   * ``neuron_select_bias_delta`` (k,) trainable bias entries (base has a bias, ``train_bias`` and k > 0),
   * ``neuron_select_indices``    (k,) int64 persistent buffer: which output rows these are,
   * ``neuron_select_row_groups`` (k,) int64 non-persistent: -1 = agnostic, g = owned by config.groups[g],
@@ -173,6 +174,13 @@ class NeuronSelectLayer(Merging, OffloadedDeltas, BaseTunerLayer):
         self.neuron_select_row_groups[adapter_name] = row_groups
         self.__dict__.setdefault("_specific", {})[adapter_name] = bool((row_groups >= 0).any())
         self._update_columns(adapter_name, rows, cols, col_groups, init_weights, gen, dtype)
+        # A columns-only layer's (0, in) row delta has nothing to train: PEFT keeps it frozen through set_adapter,
+        # set_requires_grad and _mark_only_adapters_as_trainable (its mechanism for adapter weights a method never
+        # trains), so every trainable tensor is one an optimizer can move.
+        frozen = {a: names for a, names in self.frozen_peft_weight_names.items() if a != adapter_name}
+        if k == 0:
+            frozen[adapter_name] = ("neuron_select_delta",)
+        self.frozen_peft_weight_names = frozen  # per layer (the class attribute is PEFT's shared empty default)
 
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)

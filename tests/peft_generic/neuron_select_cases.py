@@ -10,7 +10,7 @@ PEFT's custom models (see ``MockTransformerWrapper`` there): MLP / MLP_LayerNorm
 MLP2 ``lin0`` 10->32, ``lin1`` 32->2; EmbConv1D ``conv1d`` (transformers Conv1D, fan-in-fan-out, 5->1) and ``lin0``
 10->2; Conv1d ``lin0`` 9->2; Conv2d ``lin0`` 10->2; Conv2d1x1 ``lin0`` 90->2; Conv2d2 ``lin0`` 10->40, ``lin1`` 32->2;
 Conv2dGroups ``lin0`` 90->288, ``lin1`` 16->2. Only Linear / Conv1D layers are targeted: NeuronSelect trains output
-rows of Linear layers and refuses convolutions and embeddings.
+rows and input columns of Linear layers and refuses convolutions and embeddings.
 """
 
 from __future__ import annotations
@@ -25,6 +25,30 @@ from neuron_peft import NeuronSelectConfig
 _ROUTED = {
     "neurons": {"lin0": [0, 1, 2], "lin1": [0]},
     "language_neurons": {"fr": {"lin0": [5, 6], "lin1": [1]}, "de": {"lin0": [10]}},
+}
+
+# Input columns (`columns` / `language_columns`). A column of lin0 reads PEFT's fixed input (X = arange(90).view(9,
+# 10): every column is nonzero on samples 1..8, column 0 is zero on sample 0, so lin0 columns avoid 0). A column of
+# lin1 reads a ReLU output, so lin1 columns are units active on every sample (checked against PEFT's models built
+# with torch.manual_seed(0), as MockTransformerWrapper does): MLP / MLP2 lin0 rows 6, 7, 11, 13, 18 are active on all
+# 9 samples, Conv2d2's flattened conv output is active at 0..8, 31 among others, Conv2dGroups' at 6, 13, 14 (both of
+# its two rows), EmbConv1D's flattened ReLU at 1, 2, 4, 7 on most samples and Conv2d's at 1, 5, 7, 8. A weight entry
+# in a selected row and a selected column belongs to the row: where a layer has both, its column delta covers the
+# other rows, which include active ones.
+_COLUMNS = {"lin0": [2, 5, 9], "lin1": [6, 13]}
+_ROWS_AND_COLUMNS = {"neurons": {"lin0": [0, 3, 7], "lin1": [0]}, "columns": {"lin0": [2, 5], "lin1": [6, 13]}}
+# Language-routed columns, as _ROUTED for rows: without `neuron_groups` only the agnostic columns get gradient, and
+# every layer keeps agnostic columns so that each column delta tensor still trains.
+_ROUTED_COLUMNS = {
+    "columns": {"lin0": [1, 2], "lin1": [6]},
+    "language_columns": {"fr": {"lin0": [5, 6], "lin1": [13]}, "de": {"lin0": [8]}},
+}
+# Routed rows and routed columns in one adapter; lin1 (2 outputs) trains columns only: with _ROUTED's rows 0 and 1
+# every row of lin1 would be selected and its columns would add no parameter (refused).
+_ROUTED_ROWS_AND_COLUMNS = {
+    "neurons": {"lin0": [0, 1, 2]},
+    "language_neurons": {"fr": {"lin0": [5, 6]}, "de": {"lin0": [10]}},
+    **_ROUTED_COLUMNS,
 }
 
 # (test name, model id, config class, config kwargs) -- the format of PEFT's TEST_CASES.
@@ -144,6 +168,135 @@ NEURON_SELECT_TEST_CASES = [
         {"target_modules": ["lin0", "lin1"], "neurons": {"lin0": [1, 39], "lin1": [0]}, "update_path": "additive"},
     ),
     ("Conv2dGroups 1 NeuronSelect", "Conv2dGroups", NeuronSelectConfig, {"target_modules": ["lin0", "lin1"]}),
+    # input columns: alone, beside rows on the same layer, routed by language; live (auto) and additive paths
+    (
+        "Vanilla MLP 13 NeuronSelect columns",
+        "MLP",
+        NeuronSelectConfig,
+        {"target_modules": ["lin0", "lin1"], "columns": _COLUMNS},
+    ),
+    (
+        "Vanilla MLP 14 NeuronSelect columns additive",
+        "MLP",
+        NeuronSelectConfig,
+        {"target_modules": ["lin0", "lin1"], "columns": _COLUMNS, "update_path": "additive"},
+    ),
+    (
+        "Vanilla MLP 15 NeuronSelect rows and columns",
+        "MLP",
+        NeuronSelectConfig,
+        {"target_modules": ["lin0", "lin1"], **_ROWS_AND_COLUMNS},
+    ),
+    (
+        "Vanilla MLP 16 NeuronSelect rows and columns additive",
+        "MLP",
+        NeuronSelectConfig,
+        {"target_modules": ["lin0", "lin1"], "update_path": "additive", **_ROWS_AND_COLUMNS},
+    ),
+    (
+        "Vanilla MLP 17 NeuronSelect routed columns",
+        "MLP",
+        NeuronSelectConfig,
+        {"target_modules": ["lin0", "lin1"], **_ROUTED_COLUMNS},
+    ),
+    # seed 1: PEFT's test_save_load_roundtrip_fsdp_wrapped compares the FSDP-wrapped forward (additive path: FSDP's
+    # hooks make the live swap unsafe) with the plain one (live path) at allclose's default rtol=1e-5. The two paths
+    # round differently (x @ W0 + x @ delta vs x @ (W0 + delta)); with seed 0's deltas sample 2's log-softmax output
+    # of -7.0443e-3 (log(1 - p), p = 0.993: the cancellation amplifies logit rounding) came out as -7.04436e-3 live
+    # and -7.04424e-3 additive, each within 9e-6 relative of a float64 dense W0 + rows + columns reference (-7.04430e-3)
+    # but 1.7e-5 apart. Seed 1's largest relative gap is 3.5e-7.
+    (
+        "Vanilla MLP 18 NeuronSelect routed rows and columns",
+        "MLP",
+        NeuronSelectConfig,
+        {"target_modules": ["lin0", "lin1"], "seed": 1, **_ROUTED_ROWS_AND_COLUMNS},
+    ),
+    (
+        "Vanilla MLP 19 NeuronSelect routed rows and columns additive",
+        "MLP",
+        NeuronSelectConfig,
+        {"target_modules": ["lin0", "lin1"], "update_path": "additive", **_ROUTED_ROWS_AND_COLUMNS},
+    ),
+    (
+        "Vanilla MLP 20 NeuronSelect rows and columns no bias",
+        "MLP",
+        NeuronSelectConfig,
+        {"target_modules": ["lin0", "lin1"], "train_bias": False, **_ROWS_AND_COLUMNS},
+    ),
+    # lin0 keeps the neuron_ratio pick of rows (no explicit units), lin1 trains columns only
+    (
+        "MLP2 3 NeuronSelect columns",
+        "MLP2",
+        NeuronSelectConfig,
+        {"target_modules": ["lin0", "lin1"], "columns": {"lin1": [6, 20, 31]}},
+    ),
+    (
+        "MLP_LayerNorm 3 NeuronSelect rows and columns",
+        "MLP_LayerNorm",
+        NeuronSelectConfig,
+        {
+            "target_modules": ["lin0", "lin1"],
+            "neurons": {"lin0": [0, 3]},
+            "columns": {"lin0": [1, 4, 8], "lin1": [0, 6]},
+        },
+    ),
+    # Conv1D (fan-in-fan-out, one output row): columns only; lin0 rows and columns
+    (
+        "Embedding + transformers Conv1D 4 NeuronSelect columns",
+        "EmbConv1D",
+        NeuronSelectConfig,
+        {
+            "target_modules": ["conv1d", "lin0"],
+            "fan_in_fan_out": True,
+            "neurons": {"lin0": [0]},
+            "columns": {"conv1d": [0, 2, 4], "lin0": [1, 7]},
+        },
+    ),  # fmt: skip
+    (
+        "Embedding + transformers Conv1D 5 NeuronSelect columns additive",
+        "EmbConv1D",
+        NeuronSelectConfig,
+        {
+            "target_modules": ["conv1d", "lin0"],
+            "fan_in_fan_out": True,
+            "update_path": "additive",
+            "columns": {"conv1d": [0, 2, 4], "lin0": [1, 7]},
+        },
+    ),  # fmt: skip
+    (
+        "Conv2d 2 NeuronSelect columns",
+        "Conv2d",
+        NeuronSelectConfig,
+        {"target_modules": ["lin0"], "columns": {"lin0": [1, 5]}},
+    ),
+    (
+        "Conv2d2 3 NeuronSelect rows and columns",
+        "Conv2d2",
+        NeuronSelectConfig,
+        {
+            "target_modules": ["lin0", "lin1"],
+            "neurons": {"lin0": [1, 39]},
+            "columns": {"lin0": [3, 7], "lin1": [0, 5, 31]},
+        },
+    ),
+    # lin0 of Conv2dGroups gets an unbatched 1-D input (X.flatten()): columns of a 1-D call, plain and routed
+    (
+        "Conv2dGroups 2 NeuronSelect columns",
+        "Conv2dGroups",
+        NeuronSelectConfig,
+        {"target_modules": ["lin0", "lin1"], "columns": {"lin0": [1, 45, 89], "lin1": [6, 13, 14]}},
+    ),
+    (
+        "Conv2dGroups 3 NeuronSelect routed columns additive",
+        "Conv2dGroups",
+        NeuronSelectConfig,
+        {
+            "target_modules": ["lin0", "lin1"],
+            "update_path": "additive",
+            "columns": {"lin0": [1, 45], "lin1": [6]},
+            "language_columns": {"fr": {"lin0": [89], "lin1": [13]}},
+        },
+    ),  # fmt: skip
 ]
 
 # (test name, tuner method, config class, kwargs of adapter 1, kwargs of adapter 2), on PEFT's MLP.
@@ -161,6 +314,26 @@ NEURON_SELECT_MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES = [
         NeuronSelectConfig,
         {"target_modules": ["lin0"], "init_weights": False, "neuron_ratio": 0.5},
         {"target_modules": ["lin1"], "init_weights": False, "neuron_ratio": 1.0},
+    ),
+    (
+        "NeuronSelect columns Same",
+        "neuron_select",
+        NeuronSelectConfig,
+        {"target_modules": ["lin0"], "init_weights": False, "columns": {"lin0": [2, 5, 9]}},
+        {
+            "target_modules": ["lin0"],
+            "init_weights": False,
+            "columns": {"lin0": [5, 9]},
+            "neurons": {"lin0": [0, 7]},
+            "seed": 1,
+        },
+    ),  # fmt: skip
+    (
+        "NeuronSelect columns Different",
+        "neuron_select",
+        NeuronSelectConfig,
+        {"target_modules": ["lin0"], "init_weights": False, "columns": {"lin0": [2, 5, 9]}},
+        {"target_modules": ["lin1"], "init_weights": False, "neurons": {"lin1": [0]}, "columns": {"lin1": [6, 13]}},
     ),
 ]
 

@@ -211,6 +211,66 @@ def test_save_load_round_trip_file_size_and_mismatch(tmp_path):
         PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a")
 
 
+def test_columns_only_adapter_saves_and_loads(tmp_path):
+    """Every layer trains columns only, so its row delta is (0, in_features) and its rows buffer empty: both are real
+    (empty) values, saved as such (they were refused as if they were ZeRO-3 placeholders)."""
+    base, model = build_columns("llama")
+    batch = make_loss_inputs("llama")
+    with torch.no_grad():
+        want = dense_reference(base, model)(**batch).logits  # W0 + columns, built by hand
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    layers = adapted(model)
+    assert {tuple(v.shape) for k, v in saved.items() if ".neuron_select_delta" in k} == {(0, 32), (0, 64)}
+    assert sum(v.numel() for v in saved.values()) == sum(3 * layer.out_features + 3 for layer in layers.values())
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, want, atol=1e-5, rtol=1e-5)
+    for name, layer in adapted(loaded).items():
+        torch.testing.assert_close(layer.neuron_select_col_delta["default"], layers[name].neuron_select_col_delta["default"],
+                                   atol=0, rtol=0)  # fmt: skip
+
+
+def test_save_tells_empty_tensors_from_zero3_placeholders():
+    """Hand-made state dicts: a (0,) floating tensor is a ZeRO-3 placeholder (refused without a partitioned parameter
+    behind it); a (0, in) row delta and a (0,) int64 rows buffer are empty in full, kept under any key (FSDP's)."""
+    from neuron_peft.distributed import full_adapter_tensors
+
+    real = {"_fsdp_wrapped_module.x.neuron_select_delta.a": torch.zeros(0, 8), "x.neuron_select_indices.a":
+            torch.zeros(0, dtype=torch.long), "x.neuron_select_col_delta.a": torch.ones(4, 2)}  # fmt: skip
+    out = full_adapter_tensors(torch.nn.Linear(2, 2), real)
+    assert out.keys() == real.keys() and all(out[k] is v for k, v in real.items())
+    with pytest.raises(RuntimeError, match="refusing to save 'x.neuron_select_bias_delta.a'"):
+        full_adapter_tensors(torch.nn.Linear(2, 2), {**real, "x.neuron_select_bias_delta.a": torch.empty(0)})
+
+
+def test_columns_only_layer_trains_only_tensors_that_can_move():
+    """The (0, in) row delta of a columns-only layer stays frozen through PEFT's set_adapter / set_requires_grad /
+    enable_adapter_layers (PEFT's generic suite requires every trainable adapter tensor to change in training)."""
+    base, model = build_columns("llama")
+    model.add_adapter("other", column_config("llama", seed=1, rows_too=True))
+    model.base_model.set_adapter(["default", "other"])
+    model.set_requires_grad(["default", "other"], True)
+    model.base_model.disable_adapter_layers()
+    model.base_model.enable_adapter_layers()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for layer in adapted(model).values():
+        assert not layer.neuron_select_delta["default"].requires_grad  # (0, in): frozen
+        assert layer.neuron_select_delta["other"].requires_grad  # 2 rows: trains
+    # hand count: default has (out, 3) column deltas; other has 2 rows + (out - 2, 3) columns (+ no bias: Llama)
+    want = sum(3 * m.out_features + 2 * m.in_features + (m.out_features - 2) * 3 for m in adapted(model).values())
+    assert sum(p.numel() for p in trainable.values()) == want
+    assert all(p.numel() for p in trainable.values())
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(**make_loss_inputs("llama")).loss.backward()
+    opt.step()
+    assert all(not torch.equal(p, before[n]) for n, p in trainable.items())
+    assert_base_is_w0(model, base)
+
+
 def test_several_adapters_add_up():
     base = make_model("llama")
     model = get_peft_model(copy.deepcopy(base), column_config("llama", seed=0))
