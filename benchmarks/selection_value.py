@@ -113,6 +113,10 @@ def parse_args(argv):
         "es,ru,vi,zh; any of neuron_peft.data.corpus.BIBLE_VERSIONS",
     )
     ap.add_argument("--forget-langs", default=None, help="comma list of untrained languages probed for forgetting")
+    ap.add_argument("--n-train-by-lang", default=None, metavar="JSON",
+                    help='training pairs per language where they differ from --n-train, e.g. \'{"fr": 2000}\'')  # fmt: skip
+    ap.add_argument("--high-resource", default=None,
+                    help="comma list of trained languages reported apart (low/high-resource report); '' for none")  # fmt: skip
     ap.add_argument("--lrs", default=None, help="JSON start grids per family, e.g. '{\"neuron\": [1e-4, 3e-4]}'")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/selection_value_out/<preset>)")
     ap.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (replaces our files)")
@@ -149,6 +153,16 @@ def resolve_preset(args) -> SelectionPreset:
                     f"choose from {sorted(set(BIBLE_VERSIONS) - {'en'})}"
                 )
             over[key] = langs
+    if args.n_train_by_lang:
+        over["n_train_by_lang"] = {str(k): int(v) for k, v in json.loads(args.n_train_by_lang).items()}
+    if args.high_resource is not None:
+        over["high_resource"] = tuple(x.strip() for x in args.high_resource.split(",") if x.strip())
+    langs = over.get("langs", p.langs)
+    for key in ("n_train_by_lang", "high_resource"):
+        stray = sorted(set(over.get(key, getattr(p, key))) - set(langs))
+        if stray:
+            raise SystemExit(f"{key} names {stray}, which are not trained languages {list(langs)}; pass "
+                             f"--{key.replace('_', '-')} for these languages")  # fmt: skip
     clash = set(over.get("langs", p.langs)) & set(over.get("forget_langs", p.forget_langs))
     if clash:
         raise SystemExit(
@@ -184,6 +198,11 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
     qp = translation_preset(p, p.data_seed)
     data = build_pairs(p, qp)
     counts = {k: {g: len(v) for g, v in by_group(exs).items()} for k, exs in data.items()}
+    short = {g: n for g, n in counts["train"].items() if n < p.n_calib}
+    if short:  # calibration takes the first n_calib training pairs of every language: the same number for each
+        raise SystemExit(f"training pairs {short} below n_calib {p.n_calib}: calibration would not be equal per "
+                         "language; lower the preset's n_calib or raise those languages' training pairs "
+                         "(--n-train, --n-train-by-lang)")  # fmt: skip
     log(f"# selection value ({preset_name}): {p.note}")
     log(f"  pairs per split and group: {json.dumps(counts)}")
     plan, n_runs = log_plan(p, log)
@@ -345,8 +364,10 @@ def resume(s: Session) -> None:
     what decides which runs happen (methods, budgets, seeds)."""
     old, new = json.loads(s.rpath.read_text(encoding="utf-8")), json.loads(json.dumps(asdict(s.p)))
     skip = {"methods", "budgets", "seeds", "note", "threads", "max_extend", "device"}  # decide only *which* runs
-    # a field added since the file was written (warmup_ratio, eval_every) had its default value then
+    # a field added since the file was written (warmup_ratio, eval_every, n_train_by_lang, high_resource) had its
+    # default value then
     defaults = {f.name: f.default for f in fields(SelectionPreset) if f.default is not MISSING}
+    defaults.update({f.name: f.default_factory() for f in fields(SelectionPreset) if f.default_factory is not MISSING})
     old["config"] = {**json.loads(json.dumps(defaults)), **old["config"]}
     if old["config"] != new and not all(old["config"].get(k) == v for k, v in new.items() if k not in skip):
         raise SystemExit(f"{s.rpath}: written with a different configuration; use another --out")

@@ -47,6 +47,7 @@ class Preset:
     threads: Optional[int] = None
     seed: int = 0
     warmup_ratio: float = 0.03  # share of the steps with a linearly rising learning rate (train_loop's default)
+    n_train_by_lang: dict = field(default_factory=dict)  # language -> training pairs, overriding n_train there
     smoke: bool = True  # label outputs as smoke-scale
     scale_label: str = ""  # overrides the smoke / full-scale label
     note: str = ""
@@ -150,7 +151,7 @@ class SelectionPreset:
 
     model: str
     langs: tuple[str, ...]
-    n_train: int  # training pairs per language
+    n_train: int  # training pairs per language (where n_train_by_lang sets none)
     n_dev: int  # dev pairs per language (LR choice, default-selection choice)
     n_test: int  # test pairs per language (NLL)
     n_bleu: int  # test pairs per language decoded greedily for chrF/BLEU (0 = skip)
@@ -178,6 +179,8 @@ class SelectionPreset:
     extra: dict = field(default_factory=dict)
     warmup_ratio: float = 0.03  # share of the steps with a rising learning rate (the earlier presets' fixed value)
     eval_every: int = 0  # dev NLL every this many steps during training (the dev curve); 0 = only at the end
+    n_train_by_lang: dict = field(default_factory=dict)  # language -> training pairs, overriding n_train there
+    high_resource: tuple[str, ...] = ()  # trained languages reported apart from the others (the interference report)
 
 
 # column-unit methods (issue 26; built in common/matched.py), run at every budget of the long preset
@@ -348,4 +351,4 @@ def translation_preset(p: SelectionPreset, seed: int) -> Preset:
                   max_length=p.max_length, max_new_tokens=p.max_new_tokens, methods=(), grids={},
                   max_chars=p.max_chars, forget_langs=p.forget_langs, eval_batch_size=p.eval_batch_size,
                   seed=seed, threads=p.threads, dtype=p.dtype, device=p.device,
-                  warmup_ratio=p.warmup_ratio)  # fmt: skip
+                  warmup_ratio=p.warmup_ratio, n_train_by_lang=dict(p.n_train_by_lang))  # fmt: skip
