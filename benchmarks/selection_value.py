@@ -9,7 +9,10 @@ per sentence. chrF/BLEU from greedy decoding are reported alongside for the fina
 Protocol (every number in the output says which of these it is):
 
 * Data: Bible verses via `neuron_peft.data.bible_pairs`, train / dev / test from different books; English ->
-  ``langs``; forgetting probes: en -> sw / id translation NLL (never trained) and English-only verse NLL.
+  ``langs``, ``n_train`` training pairs per language or ``n_train_by_lang[lang]`` (the interference presets' 10:1
+  imbalance; batches are a uniform shuffle of all pairs, so they follow that mix), ``n_calib`` calibration pairs per
+  language (the same for each); forgetting probes: en -> sw / id translation NLL (never trained) and English-only
+  verse NLL.
 * Budgets: for each ``neuron_ratio`` in ``budgets`` the MNAFT-style Taylor selection (``layer_ratio`` 0.4, that
   neuron_ratio, specific_ratio 0.1, routed) fixes the budget: its trained weights P. Every other method of that
   budget trains P weights too (rows x inputs; LoRA/DoRA: the rank r whose all-linear parameter count is closest).
@@ -19,14 +22,16 @@ Protocol (every number in the output says which of these it is):
   full fine-tuning (budget-free), zero-shot; and the column units (issue 26), each scored once on the same
   calibration batches: ``channel`` (Taylor input channels of o_proj / down_proj, the same share of each, routed
   1:9), ``channel-random`` (as many random channels per output projection, unrouted: S2FT's choice) and
-  ``mlp-neuron`` (gate/up row j + down_proj column j by Taylor score, routed), their own LR family ("column").
+  ``mlp-neuron`` (gate/up row j + down_proj column j by Taylor score, routed), their own LR family ("column");
+  ``taylor-per-layer-s30`` / ``taylor-per-layer-agnostic``: taylor-per-layer's rows, 30% / none language-specific.
 * Learning rate: per method and budget on seed 0, by mean dev NLL (``n_dev`` pairs per language), starting from the
   family grid; while the best value sits at an edge of what was tried, the next value beyond it (x or / ``factor``)
   is tried, up to ``max_extend`` times (a diverged run counts as infinitely bad). The other seeds reuse the pick.
 * Seeds change the batch order, LoRA init and random rows; the calibration data and Taylor scores stay fixed.
 * Intervals: over seeds, mean +- t(0.975, n-1) x sd / sqrt(n) of the language-averaged test NLL; paired over
   sentences, a bootstrap (stratified by language, the same resamples for every method) of the difference in the
-  seed-averaged per-sentence NLL against a baseline.
+  seed-averaged per-sentence NLL against a baseline. A preset that declares ``high_resource`` also gets both over
+  its low- and its high-resource languages apart (against LoRA and the agnostic-only rows).
 * Caching: data encodings and eval batches are built once; the base model's dev/test/forgetting NLL once; with
   ``--resume`` a run already in ``results.json`` is not repeated (add seeds, methods or budgets to a finished run).
 

@@ -5,7 +5,9 @@ batch size, lengths, learning-rate grids, selection ratios, device and seed. qua
 (``--preset``, then its command-line overrides); interleaved_steps.py times the methods of the same presets.
 selection_value.py runs the `SELECTION_PRESETS` (a `SelectionPreset` adds seeds, budgets, methods per budget and
 the learning-rate search; `methods_for` gives its methods at one budget) and fills a `Preset` from one
-(`translation_preset`) for these helpers.
+(`translation_preset`) for these helpers. Issue 24's presets derive from ``long``: ``interference`` (per-language
+training sizes, ``n_train_by_lang``, and a declared ``high_resource`` set) and ``batch8`` / ``batch16`` / ``batch32``
+(`at_batch_size`: the same examples seen at another batch size).
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ runner calls it at the end of a run and ``--report`` calls it on a saved (also a
 the stored runs into one row per budget and method: intervals over seeds (t) of the test and dev NLL, forgetting
 and chrF/BLEU, the per-language NLL, and paired bootstrap differences over test sentences against taylor,
 random-all, random-layers and LoRA. The markdown table lists those rows per budget, best test NLL first; the plot
-draws test NLL against the trained share of linear weights.
+draws test NLL against the trained share of linear weights. When the preset declares ``high_resource`` (the
+interference presets), `by_resource` adds the test NLL over the low- and the high-resource languages apart, each
+with paired differences on that set's sentences against LoRA and the agnostic-only rows (`resource_table`).
 """
 
 from __future__ import annotations
