@@ -9,7 +9,10 @@ per sentence. chrF/BLEU from greedy decoding are reported alongside for the fina
 Protocol (every number in the output says which of these it is):
 
 * Data: Bible verses via `neuron_peft.data.bible_pairs`, train / dev / test from different books; English ->
-  ``langs``; forgetting probes: en -> sw / id translation NLL (never trained) and English-only verse NLL.
+  ``langs``, ``n_train`` training pairs per language or ``n_train_by_lang[lang]`` (the interference presets' 10:1
+  imbalance; batches are a uniform shuffle of all pairs, so they follow that mix), ``n_calib`` calibration pairs per
+  language (the same for each); forgetting probes: en -> sw / id translation NLL (never trained) and English-only
+  verse NLL.
 * Budgets: for each ``neuron_ratio`` in ``budgets`` the MNAFT-style Taylor selection (``layer_ratio`` 0.4, that
   neuron_ratio, specific_ratio 0.1, routed) fixes the budget: its trained weights P. Every other method of that
   budget trains P weights too (rows x inputs; LoRA/DoRA: the rank r whose all-linear parameter count is closest).
@@ -19,14 +22,16 @@ Protocol (every number in the output says which of these it is):
   full fine-tuning (budget-free), zero-shot; and the column units (issue 26), each scored once on the same
   calibration batches: ``channel`` (Taylor input channels of o_proj / down_proj, the same share of each, routed
   1:9), ``channel-random`` (as many random channels per output projection, unrouted: S2FT's choice) and
-  ``mlp-neuron`` (gate/up row j + down_proj column j by Taylor score, routed), their own LR family ("column").
+  ``mlp-neuron`` (gate/up row j + down_proj column j by Taylor score, routed), their own LR family ("column");
+  ``taylor-per-layer-s30`` / ``taylor-per-layer-agnostic``: taylor-per-layer's rows, 30% / none language-specific.
 * Learning rate: per method and budget on seed 0, by mean dev NLL (``n_dev`` pairs per language), starting from the
   family grid; while the best value sits at an edge of what was tried, the next value beyond it (x or / ``factor``)
   is tried, up to ``max_extend`` times (a diverged run counts as infinitely bad). The other seeds reuse the pick.
 * Seeds change the batch order, LoRA init and random rows; the calibration data and Taylor scores stay fixed.
 * Intervals: over seeds, mean +- t(0.975, n-1) x sd / sqrt(n) of the language-averaged test NLL; paired over
   sentences, a bootstrap (stratified by language, the same resamples for every method) of the difference in the
-  seed-averaged per-sentence NLL against a baseline.
+  seed-averaged per-sentence NLL against a baseline. A preset that declares ``high_resource`` also gets both over
+  its low- and its high-resource languages apart (against LoRA and the agnostic-only rows).
 * Caching: data encodings and eval batches are built once; the base model's dev/test/forgetting NLL once; with
   ``--resume`` a run already in ``results.json`` is not repeated (add seeds, methods or budgets to a finished run).
 
@@ -113,6 +118,10 @@ def parse_args(argv):
         "es,ru,vi,zh; any of neuron_peft.data.corpus.BIBLE_VERSIONS",
     )
     ap.add_argument("--forget-langs", default=None, help="comma list of untrained languages probed for forgetting")
+    ap.add_argument("--n-train-by-lang", default=None, metavar="JSON",
+                    help='training pairs per language where they differ from --n-train, e.g. \'{"fr": 2000}\'')  # fmt: skip
+    ap.add_argument("--high-resource", default=None,
+                    help="comma list of trained languages reported apart (low/high-resource report); '' for none")  # fmt: skip
     ap.add_argument("--lrs", default=None, help="JSON start grids per family, e.g. '{\"neuron\": [1e-4, 3e-4]}'")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/selection_value_out/<preset>)")
     ap.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (replaces our files)")
@@ -149,6 +158,16 @@ def resolve_preset(args) -> SelectionPreset:
                     f"choose from {sorted(set(BIBLE_VERSIONS) - {'en'})}"
                 )
             over[key] = langs
+    if args.n_train_by_lang:
+        over["n_train_by_lang"] = {str(k): int(v) for k, v in json.loads(args.n_train_by_lang).items()}
+    if args.high_resource is not None:
+        over["high_resource"] = tuple(x.strip() for x in args.high_resource.split(",") if x.strip())
+    langs = over.get("langs", p.langs)
+    for key in ("n_train_by_lang", "high_resource"):
+        stray = sorted(set(over.get(key, getattr(p, key))) - set(langs))
+        if stray:
+            raise SystemExit(f"{key} names {stray}, which are not trained languages {list(langs)}; pass "
+                             f"--{key.replace('_', '-')} for these languages")  # fmt: skip
     clash = set(over.get("langs", p.langs)) & set(over.get("forget_langs", p.forget_langs))
     if clash:
         raise SystemExit(
@@ -184,6 +203,11 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
     qp = translation_preset(p, p.data_seed)
     data = build_pairs(p, qp)
     counts = {k: {g: len(v) for g, v in by_group(exs).items()} for k, exs in data.items()}
+    short = {g: n for g, n in counts["train"].items() if n < p.n_calib}
+    if short:  # calibration takes the first n_calib training pairs of every language: the same number for each
+        raise SystemExit(f"training pairs {short} below n_calib {p.n_calib}: calibration would not be equal per "
+                         "language; lower the preset's n_calib or raise those languages' training pairs "
+                         "(--n-train, --n-train-by-lang)")  # fmt: skip
     log(f"# selection value ({preset_name}): {p.note}")
     log(f"  pairs per split and group: {json.dumps(counts)}")
     plan, n_runs = log_plan(p, log)
@@ -345,8 +369,10 @@ def resume(s: Session) -> None:
     what decides which runs happen (methods, budgets, seeds)."""
     old, new = json.loads(s.rpath.read_text(encoding="utf-8")), json.loads(json.dumps(asdict(s.p)))
     skip = {"methods", "budgets", "seeds", "note", "threads", "max_extend", "device"}  # decide only *which* runs
-    # a field added since the file was written (warmup_ratio, eval_every) had its default value then
+    # a field added since the file was written (warmup_ratio, eval_every, n_train_by_lang, high_resource) had its
+    # default value then
     defaults = {f.name: f.default for f in fields(SelectionPreset) if f.default is not MISSING}
+    defaults.update({f.name: f.default_factory() for f in fields(SelectionPreset) if f.default_factory is not MISSING})
     old["config"] = {**json.loads(json.dumps(defaults)), **old["config"]}
     if old["config"] != new and not all(old["config"].get(k) == v for k, v in new.items() if k not in skip):
         raise SystemExit(f"{s.rpath}: written with a different configuration; use another --out")

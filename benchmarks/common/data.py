@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union
 
 from neuron_peft.data import ParallelExample
 from neuron_peft.fileio import atomic_path
@@ -35,26 +36,37 @@ _TINY_LANGS = {
     "tr": lambda w: w + "ler",
     "sw": lambda w: "ki" + w,
     "id": lambda w: w + "nya",
+    "vi": lambda w: "ng" + w[::-1],  # a fifth trained language for the tiny interference preset
 }
 
 
-def tiny_pairs(tgts, n: int, split: str, seed: int) -> list[ParallelExample]:
-    """Fake parallel data: random English-word sentences and word-by-word fake translations (split-seeded)."""
+def tiny_pairs(tgts, n: Union[int, Mapping[str, int]], split: str, seed: int) -> list[ParallelExample]:
+    """Fake parallel data: random English-word sentences and word-by-word fake translations (split-seeded); ``n``
+    pairs per target, or ``n[tgt]`` for a mapping (one random stream either way, drawn target after target)."""
     rng = random.Random(f"{seed}-{split}")
     out = []
     for tgt in tgts:
-        for i in range(n):
+        for i in range(n[tgt] if isinstance(n, Mapping) else n):
             words = [rng.choice(_TINY_WORDS) for _ in range(rng.randint(3, 6))]
             out.append(ParallelExample(" ".join(words), " ".join(_TINY_LANGS[tgt](w) for w in words), f"en-{tgt}",
                                        "en", tgt, ref=f"tiny:{split}:{i}"))  # fmt: skip
     return out
 
 
+def train_counts(p: Preset) -> dict[str, int]:
+    """Training pairs per trained language: ``n_train``, or ``n_train_by_lang[lang]`` where the preset sets one (the
+    interference presets' imbalance)."""
+    return {t: p.n_train_by_lang.get(t, p.n_train) for t in p.langs}
+
+
 def build_data(p: Preset) -> dict[str, list[ParallelExample]]:
-    """The exact pairs of every split: train, dev, test (trained languages), forget_dev (shots), forget_test."""
+    """The exact pairs of every split: train, dev, test (trained languages), forget_dev (shots), forget_test.
+    Training pairs per language follow `train_counts`; a preset without ``n_train_by_lang`` takes the same code path
+    (and gets the same pairs) as before that field existed."""
+    n_train = train_counts(p) if p.n_train_by_lang else p.n_train
     if p.model == "tiny":
         return {
-            "train": tiny_pairs(p.langs, p.n_train, "train", p.seed),
+            "train": tiny_pairs(p.langs, n_train, "train", p.seed),
             "dev": tiny_pairs(p.langs, p.n_dev, "dev", p.seed),
             "test": tiny_pairs(p.langs, p.n_test, "test", p.seed),
             "forget_dev": tiny_pairs(p.forget_langs, max(p.forget_shots, 1), "dev", p.seed),
@@ -65,8 +77,12 @@ def build_data(p: Preset) -> dict[str, list[ParallelExample]]:
     def bible(tgts, split, n):
         return bible_pairs("en", tgts, split=split, max_per_lang=n, max_chars=p.max_chars, seed=p.seed)
 
+    if p.n_train_by_lang:  # one call per language: bible_pairs draws each target's subset with a fresh Random(seed)
+        train = [e for t, n in n_train.items() for e in bible((t,), "train", n)]
+    else:
+        train = bible(p.langs, "train", p.n_train)
     return {
-        "train": bible(p.langs, "train", p.n_train),
+        "train": train,
         "dev": bible(p.langs, "dev", p.n_dev),
         "test": bible(p.langs, "test", p.n_test),
         "forget_dev": bible(p.forget_langs, "dev", max(p.forget_shots, 1)),

@@ -30,6 +30,9 @@ METHODS = {
     "taylor-agnostic": ("neuron", "the same rows as taylor, all shared (no language-specific rows, no routing)"),
     "taylor-type-rank": ("neuron", "layers ranked by Taylor score rank-normalised within module type, routed"),
     "taylor-per-layer": ("neuron", "Taylor's top rows in every targeted layer, same share of each, routed"),
+    # the share of language-specific rows (interference preset): the same rows as taylor-per-layer, split otherwise
+    "taylor-per-layer-s30": ("neuron", "taylor-per-layer's rows, 30% of them language-specific (not 10%), routed"),
+    "taylor-per-layer-agnostic": ("neuron", "taylor-per-layer's rows, all shared (specific_ratio 0), unrouted"),
     "taylor-global-rank": ("neuron", "global top rows by Taylor score rank-normalised within module type, routed"),
     "taylor-global-z": ("neuron", "global top rows by Taylor score z-scored within module type, routed"),
     "taylor-raw-groups": ("neuron", "as taylor, but languages' scores not normalised before mean and variance split"),
@@ -121,6 +124,10 @@ def budget_selections(base_sel, nr: float, sizes: dict, reference_sel=None, unit
         "taylor-agnostic": variant(taylor, specific_ratio=0.0),
         "taylor-type-rank": layers_matched(base_sel, score_normalization="module_type_rank"),
         "taylor-per-layer": variant(taylor, row_selection="per_layer", weight_ratio=share),
+        # the same rows (per-layer top rows by importance), split 3:7 or 0:10 specific:shared: the split never
+        # changes which rows train, so these train exactly taylor-per-layer's weights
+        "taylor-per-layer-s30": variant(taylor, row_selection="per_layer", weight_ratio=share, specific_ratio=0.3),
+        "taylor-per-layer-agnostic": variant(taylor, row_selection="per_layer", weight_ratio=share, specific_ratio=0.0),
         "taylor-global-rank": variant(
             taylor, row_selection="global", weight_ratio=share, score_normalization="module_type_rank"
         ),  # fmt: skip

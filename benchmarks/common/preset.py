@@ -5,12 +5,15 @@ batch size, lengths, learning-rate grids, selection ratios, device and seed. qua
 (``--preset``, then its command-line overrides); interleaved_steps.py times the methods of the same presets.
 selection_value.py runs the `SELECTION_PRESETS` (a `SelectionPreset` adds seeds, budgets, methods per budget and
 the learning-rate search; `methods_for` gives its methods at one budget) and fills a `Preset` from one
-(`translation_preset`) for these helpers.
+(`translation_preset`) for these helpers. Issue 24's presets derive from ``long``: ``interference`` (per-language
+training sizes, ``n_train_by_lang``, and a declared ``high_resource`` set) and ``batch8`` / ``batch16`` / ``batch32``
+(`at_batch_size`: the same examples seen at another batch size).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -47,6 +50,7 @@ class Preset:
     threads: Optional[int] = None
     seed: int = 0
     warmup_ratio: float = 0.03  # share of the steps with a linearly rising learning rate (train_loop's default)
+    n_train_by_lang: dict = field(default_factory=dict)  # language -> training pairs, overriding n_train there
     smoke: bool = True  # label outputs as smoke-scale
     scale_label: str = ""  # overrides the smoke / full-scale label
     note: str = ""
@@ -150,7 +154,7 @@ class SelectionPreset:
 
     model: str
     langs: tuple[str, ...]
-    n_train: int  # training pairs per language
+    n_train: int  # training pairs per language (where n_train_by_lang sets none)
     n_dev: int  # dev pairs per language (LR choice, default-selection choice)
     n_test: int  # test pairs per language (NLL)
     n_bleu: int  # test pairs per language decoded greedily for chrF/BLEU (0 = skip)
@@ -178,6 +182,8 @@ class SelectionPreset:
     extra: dict = field(default_factory=dict)
     warmup_ratio: float = 0.03  # share of the steps with a rising learning rate (the earlier presets' fixed value)
     eval_every: int = 0  # dev NLL every this many steps during training (the dev curve); 0 = only at the end
+    n_train_by_lang: dict = field(default_factory=dict)  # language -> training pairs, overriding n_train there
+    high_resource: tuple[str, ...] = ()  # trained languages reported apart from the others (the interference report)
 
 
 # column-unit methods (issue 26; built in common/matched.py), run at every budget of the long preset
@@ -300,7 +306,7 @@ SELECTION_PRESETS = {
         n_train=1000,
         n_dev=50,
         n_test=100,
-        n_bleu=10,
+        n_bleu=100,
         n_forget=40,
         n_calib=16,
         steps=750,
@@ -325,12 +331,89 @@ SELECTION_PRESETS = {
         threads=None,
         device="auto",
         note="long training (issue 24): 750 steps x 16 over 1000 pairs per language (3 epochs of 4000 pairs), "
-        "warm-up 6% then cosine; verses <= 100 chars; 50 dev / 100 test pairs per language; LoRA r 8/16/64, DoRA "
+        "warm-up 6% then cosine; verses <= 100 chars; 50 dev / 100 test pairs per language, all 100 decoded for "
+        "chrF/BLEU; LoRA r 8/16/64, DoRA "
         "at LoRA's best rank, per-layer Taylor rows and the column units (channel, channel-random, mlp-neuron) at the "
         "1.8% and 9% budgets, full FT; dev NLL every 50 steps; "
         "3 seeds at each picked LR; sized for a GPU (CPU estimate in benchmarks/README.md)",
     ),  # fmt: skip
 }
+
+
+# ---- issue 24, item 4: interference between languages at a 10:1 imbalance
+# two high-resource and six typologically varied low-resource targets (Indo-Aryan, Turkic, Austroasiatic, Slavic
+# in Cyrillic and Latin script, Sinitic); every one has >= 75 dev and >= 163 test verses <= 100 chars in the Bible
+INTERFERENCE_HIGH = ("fr", "es")
+INTERFERENCE_LOW = ("hi", "tr", "vi", "ru", "zh", "pl")
+INTERFERENCE_METHODS = ("taylor-per-layer", "taylor-per-layer-s30", "taylor-per-layer-agnostic", "channel", "lora")
+SELECTION_PRESETS["interference"] = replace(
+    SELECTION_PRESETS["long"],
+    langs=INTERFERENCE_HIGH + INTERFERENCE_LOW,
+    n_train=200,
+    n_train_by_lang={x: 2000 for x in INTERFERENCE_HIGH},
+    high_resource=INTERFERENCE_HIGH,
+    steps=975,
+    eval_every=75,
+    methods={"*": INTERFERENCE_METHODS},
+    note="interference (issue 24): en -> fr, es (2000 training pairs each, high-resource) and hi, tr, vi, ru, zh, pl "
+    "(200 each, low-resource), 10:1; 975 steps x 16 = 3 epochs of the 5200 pairs, warm-up 6% then cosine; batches "
+    "are a seeded uniform shuffle of all pairs (common/training.py), so they follow the natural imbalanced mix: fr "
+    "and es are 77% of the examples (~12 of 16 per batch), each low-resource language 3.8% (~0.6 per batch), no "
+    "re-sampling; calibration 16 pairs per language (equal); 50 dev / 100 test pairs per language, all 100 decoded; "
+    "routed Taylor per-layer rows at specific_ratio 0.1 and 0.3, the same rows agnostic-only, Taylor channels and "
+    "budget-matched LoRA at the 1.8% and 9% budgets; NLL macro-averaged over low- and high-resource languages apart; "
+    "3 seeds at each picked LR; sized for a GPU (CPU estimate in benchmarks/README.md)",
+)
+SELECTION_PRESETS["tiny-interference"] = replace(
+    SELECTION_PRESETS["tiny"],
+    langs=("fr", "de", "hi", "tr", "vi"),
+    n_train=3,
+    n_train_by_lang={"fr": 30, "de": 30},
+    high_resource=("fr", "de"),
+    n_calib=3,
+    steps=3,
+    budgets=(0.25,),
+    methods={"*": INTERFERENCE_METHODS},
+    note="tiny random Llama + fake data, 30 training pairs for fr/de and 3 for hi/tr/vi: the interference preset's "
+    "code paths in seconds; the numbers mean nothing",
+)
+
+
+# ---- issue 24, item 3: batch size at equal examples seen
+BATCH_METHODS = ("taylor-per-layer", "channel", "lora", "lora-r16")
+
+
+def at_batch_size(p: SelectionPreset, batch_size: int, methods: tuple[str, ...], note: str) -> SelectionPreset:
+    """``p`` at another batch size with the same examples (so tokens) seen: steps and eval_every scaled by
+    p.batch_size / batch_size (the dev curve at the same examples seen), the warm-up ratio kept, and every start LR
+    scaled by sqrt(batch_size / p.batch_size), the square-root rule for Adam (Malladi et al. 2022, "On the SDEs and
+    scaling rules for adaptive gradient algorithms"), rounded to 2 significant digits; the grid's x3 spacing and the
+    edge extension stay, so a pick away from the rule is still found."""
+    if (p.steps * p.batch_size) % batch_size or (p.eval_every * p.batch_size) % batch_size:
+        raise ValueError(f"{p.steps} steps x {p.batch_size} is not a whole number of batches of {batch_size}")
+    k = batch_size / p.batch_size
+    grids = {f: [float(f"{lr * math.sqrt(k):.2g}") for lr in g] for f, g in p.grids.items()}
+    return replace(p, batch_size=batch_size, steps=p.steps * p.batch_size // batch_size,
+                   eval_every=p.eval_every * p.batch_size // batch_size, grids=grids, methods={"*": methods},
+                   note=note)  # fmt: skip
+
+
+_BATCH_NOTE = (
+    "batch size at equal examples seen (issue 24): the long preset (4000 pairs, 3 epochs, verses <= 100 chars, "
+    "100 test pairs per language all decoded, 3 seeds) at {steps} steps x {b}; LoRA r 16 and budget-matched LoRA, "
+    "Taylor per-layer rows and Taylor channels at the 1.8% and 9% budgets; start LRs the long grids x sqrt({b}/16) "
+    "(square-root rule for Adam); dev NLL every {every} steps ({ex} examples, as the long preset's every 50 x 16); "
+    "sized for a GPU (CPU estimate in benchmarks/README.md)"
+)
+for _b in (8, 16, 32):
+    _long = SELECTION_PRESETS["long"]
+    _steps, _every = _long.steps * _long.batch_size // _b, _long.eval_every * _long.batch_size // _b
+    SELECTION_PRESETS[f"batch{_b}"] = at_batch_size(
+        _long, _b, BATCH_METHODS,
+        _BATCH_NOTE.format(steps=_steps, b=_b, every=_every, ex=_every * _b)
+        + ("; = the long preset with these methods: --resume on a long run's folder trains only what it lacks"
+           if _b == _long.batch_size else ""),
+    )  # fmt: skip
 
 
 def methods_for(p: SelectionPreset, nr: float) -> list[str]:
@@ -348,4 +431,4 @@ def translation_preset(p: SelectionPreset, seed: int) -> Preset:
                   max_length=p.max_length, max_new_tokens=p.max_new_tokens, methods=(), grids={},
                   max_chars=p.max_chars, forget_langs=p.forget_langs, eval_batch_size=p.eval_batch_size,
                   seed=seed, threads=p.threads, dtype=p.dtype, device=p.device,
-                  warmup_ratio=p.warmup_ratio)  # fmt: skip
+                  warmup_ratio=p.warmup_ratio, n_train_by_lang=dict(p.n_train_by_lang))  # fmt: skip

@@ -5,7 +5,9 @@ runner calls it at the end of a run and ``--report`` calls it on a saved (also a
 the stored runs into one row per budget and method: intervals over seeds (t) of the test and dev NLL, forgetting
 and chrF/BLEU, the per-language NLL, and paired bootstrap differences over test sentences against taylor,
 random-all, random-layers and LoRA. The markdown table lists those rows per budget, best test NLL first; the plot
-draws test NLL against the trained share of linear weights.
+draws test NLL against the trained share of linear weights. When the preset declares ``high_resource`` (the
+interference presets), `by_resource` adds the test NLL over the low- and the high-resource languages apart, each
+with paired differences on that set's sentences against LoRA and the agnostic-only rows (`resource_table`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def summarise(results: dict) -> dict:
                 "chrf": seed_interval(chrf) if chrf else None, "bleu": seed_interval(bleu) if bleu else None,
                 "per_lang": per_lang_nll(seed_mean_per_sentence([r["test"] for r in runs]), groups["test"]),
                 "_test_sent": seed_mean_per_sentence([r["test"] for r in runs]),
+                "_test_runs": [r["test"] for r in runs],
                 "_forget_sent": seed_mean_per_sentence([r["forget_test"] for r in runs]),
                 "train_seconds": sum(r["train_seconds"] for r in runs) / len(runs),
                 "dev_curve": mean_curve([r["dev_curve"] for r in runs if r.get("dev_curve")]),
@@ -62,8 +65,50 @@ def summarise(results: dict) -> dict:
                 if b in rows and b != m:
                     r["paired"][b] = paired_bootstrap(r["_test_sent"], rows[b]["_test_sent"], groups["test"])
             r["paired_forget_zero"] = paired_bootstrap(r["_forget_sent"], z["forget_test"], groups["forget_test"])
+        split = resource_split(results)
+        if split:
+            by_resource(rows, split, groups["test"])
         out["budgets"][nr] = {"info": binfo, "rows": rows}
+    if resource_split(results):
+        out["zero"]["by_resource"] = {k: macro_nll(*subset(z["test"], groups["test"], keep))
+                                      for k, keep in resource_split(results).items()}  # fmt: skip
     return out
+
+
+# the baselines of the low/high-resource comparison: budget-matched LoRA, and the same rows all shared (no routing)
+RESOURCE_BASELINES = ("lora", "taylor-per-layer-agnostic")
+
+
+def resource_split(results: dict) -> dict[str, list[str]]:
+    """{"low": groups, "high": groups} of the test languages when the preset declares ``high_resource`` (the
+    interference presets), in test order; {} otherwise (and the report is what it was before)."""
+    high = set(results["config"].get("high_resource") or ())
+    if not high:
+        return {}
+    order = list(dict.fromkeys(results["groups"]["test"]))
+    return {"low": [g for g in order if g.split("-")[-1] not in high], "high": [g for g in order if g.split("-")[-1] in high]}  # fmt: skip
+
+
+def subset(per: list, groups: list[str], keep) -> tuple[list, list[str]]:
+    """(per-sentence values, groups) of the sentences whose group is in ``keep``."""
+    idx = [i for i, g in enumerate(groups) if g in keep]
+    return [per[i] for i in idx], [groups[i] for i in idx]
+
+
+def by_resource(rows: dict, split: dict, groups: list[str]) -> None:
+    """Per row and language set (low / high): the test NLL macro-averaged over the set's languages (interval over
+    seeds) and `paired_bootstrap` against `RESOURCE_BASELINES` restricted to the set's sentences (stratified by
+    language, as the main table), stored as ``row["by_resource"][set]``."""
+    for m, r in rows.items():
+        r["by_resource"] = {}
+        for name, keep in split.items():
+            if not keep:
+                continue
+            sent, g = subset(r["_test_sent"], groups, keep)
+            paired = {b: paired_bootstrap(sent, subset(rows[b]["_test_sent"], groups, keep)[0], g)
+                      for b in RESOURCE_BASELINES if b in rows and b != m}  # fmt: skip
+            seeds = [macro_nll(subset(t, groups, keep)[0], g) for t in r["_test_runs"]]
+            r["by_resource"][name] = {"groups": list(keep), "test": seed_interval(seeds), "paired": paired}
 
 
 def mean_curve(curves: list) -> list:
@@ -112,6 +157,49 @@ def row_criterion_pairs(rows: dict) -> list[str]:
     return out
 
 
+def train_sizes_line(results: dict) -> list[str]:
+    """The training pairs per language (and the high-resource set) of a preset that sets them per language; []
+    for the others, whose reports stay as they were."""
+    cfg = results["config"]
+    if not cfg.get("n_train_by_lang") and not cfg.get("high_resource"):
+        return []
+    sizes = ", ".join(f"{g.split('-')[-1]} {n}" for g, n in results["counts"]["train"].items())
+    high = ", ".join(cfg.get("high_resource") or ()) or "none declared"
+    return [f"Training pairs per language: {sizes}; high-resource: {high}; batches drawn from all of them shuffled "
+            "together (the imbalanced mix).", ""]  # fmt: skip
+
+
+def resource_table(rows: dict, zero: dict) -> list[str]:
+    """Markdown: test NLL over the low- and the high-resource languages apart, with the paired Δ against LoRA and the
+    agnostic-only rows, forgetting, and the NLL per language; [] when the preset declares no ``high_resource``."""
+    if not rows or not any("by_resource" in r for r in rows.values()):
+        return []
+    split = next(r["by_resource"] for r in rows.values() if "by_resource" in r)
+    sets = [k for k in ("low", "high") if k in split]
+    name = {k: f"{k} ({', '.join(g.split('-')[-1] for g in split[k]['groups'])})" for k in sets}
+
+    def d(x):
+        return f"{x['delta']:+.3f} [{x['ci'][0]:+.3f}, {x['ci'][1]:+.3f}]" if x else "-"
+
+    head = " | ".join(f"**{name[k]} NLL** | Δ {k} vs LoRA [95%] | Δ {k} vs agnostic [95%]" for k in sets)
+    lines = ["", "Low- vs high-resource languages: test NLL macro-averaged over each set's languages (± over seeds); "
+             "Δ = paired bootstrap over that set's test sentences (stratified by language) against budget-matched "
+             "LoRA and against the same rows all shared (taylor-per-layer-agnostic); negative = better. Zero-shot: "
+             + ", ".join(f"{k} {zero['by_resource'][k]:.3f}" for k in sets) + ".", "",
+             f"| method | trainable | {head} | forget sw/id Δ | English Δ |", "|---|---|" + "---|---|---|" * len(sets)
+             + "---|---|"]  # fmt: skip
+    for m, r in sorted(rows.items(), key=lambda kv: kv[1]["by_resource"][sets[0]]["test"][0]):
+        cells = " | ".join(f"**{fmt_pm(r['by_resource'][k]['test'])}** | {d(r['by_resource'][k]['paired'].get('lora'))}"
+                           f" | {d(r['by_resource'][k]['paired'].get('taylor-per-layer-agnostic'))}" for k in sets)  # fmt: skip
+        lines.append(f"| {m} | {r['trainable']:,} | {cells} | {fmt_pm(r['forget'])} | {fmt_pm(r['english'])} |")
+    langs = [g for k in sets for g in split[k]["groups"]]
+    lines += ["", "Test NLL per language (seed-averaged sentences):", "",
+              "| method | " + " | ".join(langs) + " |", "|---|" + "---|" * len(langs)]  # fmt: skip
+    for m, r in sorted(rows.items()):
+        lines.append(f"| {m} | " + " | ".join(f"{r['per_lang'][g]:.3f}" for g in langs) + " |")
+    return lines
+
+
 def write_report(results: dict, out_dir: Path, log) -> str:
     from neuron_peft.fileio import atomic_write_text
 
@@ -133,6 +221,7 @@ def write_report(results: dict, out_dir: Path, log) -> str:
         "averaged per-sentence NLL, 95% bootstrap interval over test sentences (stratified by language); negative = "
         "better. Forgetting = NLL change vs zero-shot on en→sw/id (untrained) and on English-only verses "
         "(positive = forgot).", "",
+        *train_sizes_line(results),
         f"Zero-shot: test NLL {zero['test']:.3f}, dev {zero['dev']:.3f}, sw/id {zero['forget']:.3f}, English "
         f"{zero['english']:.3f}" + (f", chrF {zero['decode']['chrf']:.2f}" if zero["decode"] else "") + ".",
     ]  # fmt: skip
@@ -153,6 +242,7 @@ def write_report(results: dict, out_dir: Path, log) -> str:
             lines.append(f"| {m} ({r['seeds']} seed{'s' if r['seeds'] > 1 else ''}) | {r['lr']:g} ({grid}){' EDGE' if r['at_edge'] else ''} | {r['trainable']:,} | "
                          f"{fmt_pm(r['dev'])} | **{fmt_pm(r['test'])}** | {d('taylor')} | {d('taylor-per-layer')} | {d('random-all')} | {d('lora')} | "
                          f"{fmt_pm(r['chrf'], 2)} | {fmt_pm(r['bleu'], 2)} | {fmt_pm(r['forget'])} | {fmt_pm(r['english'])} |")  # fmt: skip
+        lines += resource_table(b["rows"], zero)
         fixed = row_criterion_pairs(b["rows"])
         if fixed:
             lines += ["", "Row criterion with the layers held fixed (paired Δ test NLL [95%], negative = the first "

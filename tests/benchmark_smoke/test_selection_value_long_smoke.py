@@ -73,11 +73,12 @@ def test_resume_and_refusal_of_a_changed_curve_setting(sv, run):
 
 
 def test_older_results_without_the_new_fields_still_resume(sv, tmp_path):
-    """A results.json written before warmup_ratio / eval_every existed had their defaults: --resume accepts it."""
+    """A results.json written before warmup_ratio / eval_every / n_train_by_lang / high_resource existed had their
+    defaults: --resume accepts it."""
     out = tmp_path / "out"
     sv.main(["--preset", "tiny", "--out", str(out), "--budgets", "0.25", "--methods", "lora"], log=lambda s: None)
     res = json.loads((out / "results.json").read_text())
-    for k in ("warmup_ratio", "eval_every"):
+    for k in ("warmup_ratio", "eval_every", "n_train_by_lang", "high_resource"):
         del res["config"][k]
     (out / "results.json").write_text(json.dumps(res))
     again = sv.main(["--preset", "tiny", "--out", str(out), "--resume", "--budgets", "0.25", "--methods", "lora"],
@@ -91,6 +92,7 @@ def test_long_preset_configuration(sv):
     epochs = p.steps * p.batch_size / (p.n_train * len(p.langs))
     assert epochs >= 2
     assert p.warmup_ratio > 0 and p.eval_every > 0 and len(p.budgets) == 2
+    assert p.n_test >= 100 and p.n_bleu >= 100  # chrF/BLEU of the final tables on >= 100 verses per language
     assert set(sv.methods_for(p, p.budgets[0])) >= {"lora-r8", "lora-r16", "lora-r64", "dora-best",
                                                     "taylor-per-layer", "full"}  # fmt: skip
     order = sv.methods_for(p, p.budgets[0])
