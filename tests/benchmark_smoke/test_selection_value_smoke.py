@@ -223,3 +223,20 @@ def test_column_methods_train_columns_of_the_output_projections_at_the_budget(sv
     n_in = dict(zip(sel.layers, sel.unit_counts()))
     assert all(len(set(c)) == len(c) and 0 <= min(c) and max(c) < n_in[n] for n, c in rand.items())
     assert rand != matched.random_columns(ch, seed=1)
+
+
+def test_channel_inputs_measures_the_run_channels(run):
+    """benchmarks/channel_inputs.py on the tiny run: ratios are positive, shares in [0, 1], and the share picked is
+    the channel selection's own count over every channel of the output projections."""
+    results, out, _ = run
+    ci = load_benchmark("channel_inputs")
+    got = ci.main(["--run", str(out), "--budget", "0.25"], log=lambda *_: None)
+    assert set(got) == {"o_proj", "down_proj"}
+    for r in got.values():
+        assert r["taylor_mean_abs_x_over_layer_mean"] > 0 and r["random_mean_abs_x_over_layer_mean"] > 0
+        assert 0 <= r["taylor_share_of_top1pct_abs_x_channels"] <= 1 and 0 < r["share_of_channels_picked"] <= 1
+    # tiny Llama: o_proj reads 32 channels, down_proj 64, two blocks each
+    budget = results["budgets"]["0.25"]["budget_weights"]
+    assert got["o_proj"]["layers"] == 2 and got["down_proj"]["layers"] == 2
+    picked = got["o_proj"]["share_of_channels_picked"] * 64 + got["down_proj"]["share_of_channels_picked"] * 128
+    assert abs(picked * 32 - budget) <= 0.05 * budget  # every column of the tiny model holds 32 weights
