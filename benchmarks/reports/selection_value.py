@@ -64,6 +64,9 @@ def summarise(results: dict) -> dict:
             for b in ("taylor", "taylor-per-layer", "random-all", "random-layers", "magnitude", "lora"):
                 if b in rows and b != m:
                     r["paired"][b] = paired_bootstrap(r["_test_sent"], rows[b]["_test_sent"], groups["test"])
+            if m == "channel" and "channel-random" in rows:  # the channel criterion alone (same count per layer)
+                x = rows["channel-random"]["_test_sent"]
+                r["paired"]["channel-random"] = paired_bootstrap(r["_test_sent"], x, groups["test"])
             r["paired_forget_zero"] = paired_bootstrap(r["_forget_sent"], z["forget_test"], groups["forget_test"])
         split = resource_split(results)
         if split:
