@@ -176,7 +176,10 @@ def test_report_separates_the_row_criterion_from_the_layer_choice(sv, run):
         return sv.macro_nll(r["test"], groups)
 
     assert x["delta"] == pytest.approx(mean_test("taylor-per-layer") - mean_test("random-all"), abs=1e-9)
-    assert len(row_criterion_pairs(rows)) == 4
+    c = rows["channel"]["paired"]["channel-random"]  # the channel criterion alone, the same way
+    assert c["delta"] == pytest.approx(mean_test("channel") - mean_test("channel-random"), abs=1e-9)
+    assert "channel − channel-random (same columns per output projection)" in md
+    assert len(row_criterion_pairs(rows)) == 5  # the four row pairs and the channel pair
 
 
 def test_score_concentration_against_hand_values():
