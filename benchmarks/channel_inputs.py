@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from common.data import build_data, by_group, english_pairs  # noqa: E402
+from common.data import build_pairs, calibration_examples  # noqa: E402
 from common.matched import random_columns, unit_matched  # noqa: E402
 from common.models import load_model  # noqa: E402
 from common.preset import SelectionPreset, translation_preset  # noqa: E402
@@ -103,12 +103,11 @@ def main(argv=None, log=print) -> dict:
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in results["config"].items() if k in known}
     p = SelectionPreset(**cfg)
     qp = translation_preset(p, p.data_seed)
-    data = build_data(replace(qp, n_forget=p.n_forget, forget_shots=1))  # as selection_value.build_pairs
-    data["english"] = english_pairs(p.model, p.n_forget, p.max_chars, p.data_seed)
+    data = build_pairs(p, qp)
     torch.set_num_threads(p.threads or torch.get_num_threads())
     model, tok = load_model(qp, data, torch.device("cpu"))
     sel = NeuronSelection.load(run / "taylor_scores_channel")
-    calib_ex = [e for g in by_group(data["train"]).values() for e in g[: p.n_calib]]  # selection_value's calibration
+    calib_ex = calibration_examples(data["train"], p.n_calib)
     batches = calibration_batches(tok, calib_ex, p.calib_batch_size, p.max_length, on_overflow="skip")
     mags = input_magnitudes(model, sel.layers, batches)
     out = measure(sel, results["budgets"][args.budget]["budget_weights"], mags)

@@ -66,7 +66,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # this checkout's neuron_peft, also when another one is installed (editable)
 sys.path.insert(0, str(HERE))  # benchmarks/, for the shared set-up in common/ and the report in reports/
-from common.data import build_data, by_group, english_pairs  # noqa: E402
+from common.data import build_pairs, by_group, calibration_examples  # noqa: E402
 from common.machine import machine_info  # noqa: E402
 from common.matched import (  # noqa: E402
     LAYER_RATIO,
@@ -257,14 +257,6 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
 
 
 # --------------------------------------------------------------------------------------------- data and eval sets
-def build_pairs(p: SelectionPreset, qp) -> dict:
-    """The preset's pairs per split (common/data.py, one solved dev example per probe language) plus English-only
-    verses for the English forgetting probe."""
-    data = build_data(replace(qp, n_forget=p.n_forget, forget_shots=1))
-    data["english"] = english_pairs(p.model, p.n_forget, p.max_chars, p.data_seed)
-    return data
-
-
 def log_plan(p: SelectionPreset, log) -> tuple[dict, int]:
     """({budget: methods}, training runs at least): logged before anything loads (also the whole of --dry-run)."""
     plan = {str(nr): methods_for(p, nr) for nr in p.budgets}
@@ -400,7 +392,7 @@ def taylor_scores(s: Session, data, sel_dir: Path, reuse: bool):
     """(Taylor selection, calibration batches): one scoring pass, every selection method re-decides from its scores;
     saved in ``sel_dir`` and reused from there with ``reuse`` (--resume)."""
     p, t = s.p, time.perf_counter()
-    calib_ex = [e for g in by_group(data["train"]).values() for e in g[: p.n_calib]]
+    calib_ex = calibration_examples(data["train"], p.n_calib)
     calib = calibration_batches(s.tok, calib_ex, p.calib_batch_size, p.max_length, on_overflow="skip")
     if reuse and (sel_dir / "neuron_selection.json").is_file():
         base_sel = NeuronSelection.load(sel_dir)  # same calibration data (the configuration was checked above)

@@ -158,8 +158,8 @@ OUTPUT_PROJECTIONS = ("o_proj", "down_proj")
 
 
 def _trainable_of(method: str, base) -> int:
-    """Trainable parameters `method` has on (a copy of) this base: the count a column method is matched to."""
-    model = BUILDERS[method](copy.deepcopy(base))
+    """Trainable parameters `method` has when built on ``base`` (which it adapts in place)."""
+    model = BUILDERS[method](base)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -170,7 +170,7 @@ def _columns(match: str, mlp_neuron: bool = False) -> Callable:
     and ``down_proj`` column j). Random like S2FT's choice; which units are picked does not change the step cost."""
 
     def make(base):
-        budget = _trainable_of(match, base)
+        budget = _trainable_of(match, copy.deepcopy(base))  # the count a column method is matched to
         gen = torch.Generator().manual_seed(0)
         modules = [(n, m) for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)]
         writers = [(n, m) for n, m in modules if n.rsplit(".", 1)[-1] in (("down_proj",) if mlp_neuron
@@ -262,8 +262,7 @@ class Runner:
 
 
 def _count_trainable(name: str, preset: Preset) -> int:
-    model = BUILDERS[name](build_base(preset))
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return _trainable_of(name, build_base(preset))
 
 
 def make_runner(name: str, preset: Preset) -> Runner:

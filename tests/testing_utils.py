@@ -37,6 +37,14 @@ def load_benchmark(name: str):
     return module
 
 
+def run_selection_value(sv, tmp_path_factory, name: str, argv: list[str]):
+    """(results, out folder, log text) of ``selection_value.main(argv + ["--out", <fresh folder>])``."""
+    out = tmp_path_factory.mktemp(name) / "out"
+    lines: list[str] = []
+    results = sv.main([*argv, "--out", str(out)], log=lines.append)
+    return results, out, "\n".join(lines)
+
+
 def build(arch, ratio=0.25, path="auto", train_bias=True, dtype=torch.float32, seed=0):
     base = make_model(arch, seed).to(dtype)
     cfg = NeuronSelectConfig(
@@ -93,6 +101,39 @@ def assert_grads_match(model, ref, atol, rtol=1e-4):
 
 # ------------------------------------------------------------------ routing, CLI workspaces
 GROUPS = ["de", "fr", "hi"]
+
+
+def expected_average(history: list[dict], kind: str, decay: float) -> dict:
+    """By hand, what torch's AveragedModel holds after one update per snapshot in ``history`` ({name: tensor} per
+    step): the first update copies, the next ones average (``"swa"``: the running mean; ``"ema"``: decay * old +
+    (1 - decay) * new)."""
+    expected = {}
+    for name in history[0]:
+        values = [h[name] for h in history]
+        if kind == "swa":
+            expected[name] = sum(values) / len(values)
+        else:
+            e = values[0]
+            for v in values[1:]:
+                e = decay * e + (1 - decay) * v
+            expected[name] = e
+    return expected
+
+
+def accelerate_offload(model, how: str, tmp_path) -> None:
+    """Offload a tiny 2-block Llama PeftModel's inner model with accelerate: ``"cpu_offload"``, ``"disk_offload"``
+    or ``"device_map"`` (block 0 on disk, the rest on the CPU)."""
+    from accelerate import cpu_offload, disk_offload, dispatch_model
+
+    inner = model.base_model.model
+    if how == "cpu_offload":
+        cpu_offload(inner, execution_device="cpu")
+    elif how == "disk_offload":
+        disk_offload(inner, str(tmp_path), execution_device="cpu")
+    else:
+        device_map = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu",
+                      "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
+        dispatch_model(inner, device_map=device_map, main_device="cpu", offload_dir=str(tmp_path))
 
 
 def routed_config(base, arch, path="auto", seed=0):

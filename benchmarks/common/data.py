@@ -4,7 +4,8 @@
 forget_dev (few-shot prompts) and forget_test (languages never trained). Splits come from different Bible books
 (`neuron_peft.data.bible_pairs`), so no verse is in two of them. With ``model="tiny"`` the pairs are fake:
 random English-word sentences with word-by-word made-up translations, so the whole pipeline runs offline in seconds.
-`english_pairs` gives selection_value.py's English-only verses (its forgetting probe on English itself).
+`english_pairs` gives selection_value.py's English-only verses (its forgetting probe on English itself), `build_pairs`
+every split of a selection_value.py run, `calibration_examples` the training pairs its Taylor scoring reads.
 
 `export_data` / `read_data` write and read those pairs as jsonl, so a machine without the Bible corpus (or without
 network) trains and tests on exactly the sentences of the machine that made the extract.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
@@ -23,7 +24,7 @@ from neuron_peft.data import ParallelExample
 from neuron_peft.fileio import atomic_path
 
 if TYPE_CHECKING:
-    from .preset import Preset
+    from .preset import Preset, SelectionPreset
 
 _TINY_WORDS = (
     "the cat dog sun moon tree river house bread water light king child man woman road city stone fire wind "
@@ -100,6 +101,19 @@ def english_pairs(model: str, n: int, max_chars, seed: int) -> list[ParallelExam
 
 
 DATA_FIELDS = ("src", "tgt", "group", "src_lang", "tgt_lang", "ref")
+
+
+def build_pairs(p: SelectionPreset, qp: Preset) -> dict[str, list[ParallelExample]]:
+    """A selection_value.py run's pairs per split (`build_data` with one solved dev example per probe language) plus
+    English-only verses for the English forgetting probe."""
+    data = build_data(replace(qp, n_forget=p.n_forget, forget_shots=1))
+    data["english"] = english_pairs(p.model, p.n_forget, p.max_chars, p.data_seed)
+    return data
+
+
+def calibration_examples(train: list[ParallelExample], n_calib: int) -> list[ParallelExample]:
+    """The first ``n_calib`` training pairs of every language: what Taylor scoring calibrates on."""
+    return [e for g in by_group(train).values() for e in g[:n_calib]]
 
 
 def export_data(data: dict[str, list[ParallelExample]], path: Path, preset: Preset) -> None:

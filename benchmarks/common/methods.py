@@ -18,7 +18,7 @@ import torch
 
 from neuron_peft.data import calibration_batches
 
-from .data import by_group
+from .data import calibration_examples
 from .method_names import ALL_METHODS, METHODS, NS_RATIOS  # noqa: F401  (runners import them from here too)
 from .models import NEURON_KW, exact_regex, lora_config, rows_config
 
@@ -76,7 +76,7 @@ def run_selection(base, tok, data, p: Preset, methods, device, log) -> tuple[dic
     ratios = sorted({NS_RATIOS.get(m, 0.4) for m in methods if METHODS[m][0] == "neuron"})
     if not ratios:
         return {}, 0.0
-    calib_ex = [e for g in by_group(data["train"]).values() for e in g[: p.n_calib]]
+    calib_ex = calibration_examples(data["train"], p.n_calib)
     calib = calibration_batches(tok, calib_ex, p.calib_batch_size, p.max_length, on_overflow="skip")
     calib = {g: [{k: v.to(device) for k, v in b.items()} for b in bs] for g, bs in calib.items()}
     start = time.perf_counter()

@@ -11,22 +11,14 @@ import math
 from dataclasses import replace
 
 import pytest
-from testing_utils import load_benchmark
+from testing_utils import run_selection_value
 
 LOW, HIGH = ("en-hi", "en-tr", "en-vi"), ("en-fr", "en-de")
 
 
 @pytest.fixture(scope="module")
-def sv():
-    return load_benchmark("selection_value")
-
-
-@pytest.fixture(scope="module")
 def run(sv, tmp_path_factory):
-    out = tmp_path_factory.mktemp("svint") / "out"
-    lines: list[str] = []
-    results = sv.main(["--preset", "tiny-interference", "--out", str(out)], log=lines.append)
-    return results, out, "\n".join(lines)
+    return run_selection_value(sv, tmp_path_factory, "svint", ["--preset", "tiny-interference"])
 
 
 def run_of(results, method, nr="0.25"):

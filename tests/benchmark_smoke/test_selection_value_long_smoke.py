@@ -8,23 +8,15 @@ import json
 import math
 
 import pytest
-from testing_utils import load_benchmark
+from testing_utils import run_selection_value
 
 METHODS = "taylor-per-layer,lora-r2,lora-r4,dora-best,full"
 
 
 @pytest.fixture(scope="module")
-def sv():
-    return load_benchmark("selection_value")
-
-
-@pytest.fixture(scope="module")
 def run(sv, tmp_path_factory):
-    out = tmp_path_factory.mktemp("svlong") / "out"
-    lines: list[str] = []
-    results = sv.main(["--preset", "tiny", "--out", str(out), "--steps", "4", "--eval-every", "2", "--methods",
-                       METHODS], log=lines.append)  # fmt: skip
-    return results, out, "\n".join(lines)
+    argv = ["--preset", "tiny", "--steps", "4", "--eval-every", "2", "--methods", METHODS]
+    return run_selection_value(sv, tmp_path_factory, "svlong", argv)
 
 
 def test_fixed_rank_lora_and_dora_at_the_best_rank(sv, run):

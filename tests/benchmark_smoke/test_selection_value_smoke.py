@@ -9,20 +9,12 @@ import json
 import math
 
 import pytest
-from testing_utils import load_benchmark
-
-
-@pytest.fixture(scope="module")
-def sv():
-    return load_benchmark("selection_value")
+from testing_utils import load_benchmark, run_selection_value
 
 
 @pytest.fixture(scope="module")
 def run(sv, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sv") / "out"
-    lines: list[str] = []
-    results = sv.main(["--preset", "tiny", "--out", str(out)], log=lines.append)
-    return results, out, "\n".join(lines)
+    return run_selection_value(sv, tmp_path_factory, "sv", ["--preset", "tiny"])
 
 
 def test_every_planned_method_was_tested(sv, run):

@@ -24,7 +24,7 @@ from test_quantized import (
     logits,
     rel_err,
 )
-from testing_utils import adapted
+from testing_utils import accelerate_offload, adapted, expected_average
 from tiny_models import make_loss_inputs, tiny_llama
 
 from neuron_peft import NeuronSelectConfig, NeuronSelectLayer
@@ -156,16 +156,7 @@ def test_averaged_model_averages_column_deltas_and_keeps_w0(kind, rows_too):
         avg.update_parameters(model)
         history.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
     assert any("neuron_select_col_delta" in n for n in history[0])
-    expected = {}  # AveragedModel's first update copies, the next ones average
-    for name in history[0]:
-        values = [h[name] for h in history]
-        if kind == "swa":
-            expected[name] = sum(values) / len(values)
-        else:
-            e = values[0]
-            for v in values[1:]:
-                e = decay * e + (1 - decay) * v
-            expected[name] = e
+    expected = expected_average(history, kind, decay)  # hand-computed average of the deltas
     averaged = dict(avg.module.named_parameters())
     for name, value in expected.items():
         torch.testing.assert_close(averaged[name], value, atol=1e-6, rtol=1e-6, msg=name)
@@ -178,19 +169,9 @@ def test_averaged_model_averages_column_deltas_and_keeps_w0(kind, rows_too):
 @pytest.mark.parametrize("rows_too", [False, True])
 @pytest.mark.parametrize("how", ["cpu_offload", "disk_offload", "device_map"])
 def test_accelerate_offloaded_column_adapter_is_exact_or_refuses_training(how, rows_too, tmp_path):
-    from accelerate import cpu_offload, disk_offload, dispatch_model
-
     base, model = build_columns("llama", rows_too=rows_too)
     expected = eval_logits(dense_reference(base, model), "llama")
-    inner = model.base_model.model
-    if how == "cpu_offload":
-        cpu_offload(inner, execution_device="cpu")
-    elif how == "disk_offload":
-        disk_offload(inner, str(tmp_path), execution_device="cpu")
-    else:
-        device_map = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu",
-                      "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
-        dispatch_model(inner, device_map=device_map, main_device="cpu", offload_dir=str(tmp_path))
+    accelerate_offload(model, how, tmp_path)
     offloaded = [layer for layer in adapted(model).values() if layer.neuron_select_col_delta["default"].is_meta]
     assert offloaded, "the test set-up offloaded no column delta"
     torch.testing.assert_close(eval_logits(model, "llama"), expected, atol=1e-5, rtol=1e-5)

@@ -11,7 +11,14 @@ import copy
 
 import pytest
 import torch
-from testing_utils import adapted, assert_grads_match, build, dense_reference
+from testing_utils import (
+    accelerate_offload,
+    adapted,
+    assert_grads_match,
+    build,
+    dense_reference,
+    expected_average,
+)
 from tiny_models import TARGETS, make_loss_inputs, routed_llama_config, tiny_llama
 
 import neuron_peft  # noqa: F401
@@ -165,17 +172,7 @@ def test_averaged_model_averages_deltas_and_keeps_w0(kind):
         eval_logits(model)  # forwards between updates, as an evaluation loop would do
         avg.update_parameters(model)
         history.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
-    # hand-computed average of the deltas (AveragedModel's first update copies, the next ones average)
-    expected = {}
-    for name in history[0]:
-        values = [h[name] for h in history]
-        if kind == "swa":
-            expected[name] = sum(values) / len(values)
-        else:
-            e = values[0]
-            for v in values[1:]:
-                e = decay * e + (1 - decay) * v
-            expected[name] = e
+    expected = expected_average(history, kind, decay)  # hand-computed average of the deltas
     averaged = dict(avg.module.named_parameters())
     for name, value in expected.items():
         torch.testing.assert_close(averaged[name], value, atol=1e-6, rtol=1e-6, msg=name)
@@ -225,19 +222,9 @@ def test_import_installs_no_global_optimizer_hook():
 # ---------------------------------------------------------------------------------------------------- offloading
 @pytest.mark.parametrize("how", ["cpu_offload", "disk_offload", "device_map"])
 def test_accelerate_offloaded_adapter_is_exact_or_refuses_training(how, tmp_path):
-    from accelerate import cpu_offload, disk_offload, dispatch_model
-
     base, model = build(ARCH)
     expected = eval_logits(dense_reference(base, model))
-    inner = model.base_model.model
-    if how == "cpu_offload":
-        cpu_offload(inner, execution_device="cpu")
-    elif how == "disk_offload":
-        disk_offload(inner, str(tmp_path), execution_device="cpu")
-    else:
-        device_map = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu",
-                      "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
-        dispatch_model(inner, device_map=device_map, main_device="cpu", offload_dir=str(tmp_path))
+    accelerate_offload(model, how, tmp_path)
     offloaded = [layer for layer in adapted(model).values() if layer.neuron_select_delta["default"].is_meta]
     assert offloaded, "the test set-up offloaded no adapter weight"
     torch.testing.assert_close(eval_logits(model), expected, atol=1e-5, rtol=1e-5)
