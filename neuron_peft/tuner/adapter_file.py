@@ -17,13 +17,27 @@ from torch import nn
 from ..errors import AdapterFileError, AdapterMismatchError
 from .layer import NeuronSelectLayer
 
+_TORCH_WRAPPER_NAMES = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
+def without_wrapper_names(name: str) -> str:
+    """`name` without the levels torch's FSDP and activation-checkpointing wrappers add, at any depth.
+
+    Why: ``named_modules()`` names carry those levels but ``state_dict()`` keys do not (the wrappers strip them), so
+    a module name must lose them before it is compared with a key of an adapter file. (PEFT >= 0.22 has the same
+    helper, ``remove_torch_wrapper_names``; this one also serves PEFT 0.21.)
+    """
+    return ".".join(part for part in name.split(".") if part not in _TORCH_WRAPPER_NAMES)
+
 
 def check_adapter_state_dict(model: nn.Module, adapter_name: str, state_dict: dict) -> dict:
     """Validate the (already remapped) state dict of `adapter_name` against `model`; returns it with int64 rows."""
     refuse_foreign_keys(model, adapter_name, state_dict)
-    for name, module in model.named_modules():
+    key_of = {without_wrapper_names(key): key for key in state_dict}  # a module's name -> the file's key
+    for module_name, module in model.named_modules():
         if not isinstance(module, NeuronSelectLayer) or adapter_name not in module.neuron_select_indices:
             continue
+        name = without_wrapper_names(module_name)
         shown = name.removeprefix("base_model.model.")
         expected = {
             f"{name}.neuron_select_delta.{adapter_name}": module.neuron_select_delta[adapter_name].shape,
@@ -33,19 +47,20 @@ def check_adapter_state_dict(model: nn.Module, adapter_name: str, state_dict: di
             if adapter_name in getattr(module, attr):
                 expected[f"{name}.{attr}.{adapter_name}"] = getattr(module, attr)[adapter_name].shape
         for key, shape in expected.items():
-            if key not in state_dict:
+            if key not in key_of:
                 raise AdapterMismatchError(
                     f"module {shown!r}: adapter file has no tensor {key.rsplit('.', 2)[-2]!r} (incomplete adapter)"
                 )
-            if tuple(state_dict[key].shape) != tuple(shape):
+            found = tuple(state_dict[key_of[key]].shape)
+            if found != tuple(shape):
                 raise AdapterMismatchError(
-                    f"module {shown!r}: {key.rsplit('.', 2)[-2]} has shape {tuple(state_dict[key].shape)} in the "
+                    f"module {shown!r}: {key.rsplit('.', 2)[-2]} has shape {found} in the "
                     f"adapter file but {tuple(shape)} in the model (in_features={module.in_features}, "
                     f"out_features={module.out_features})"
                 )
         _check_indices(
             state_dict,
-            f"{name}.neuron_select_indices.{adapter_name}",
+            key_of[f"{name}.neuron_select_indices.{adapter_name}"],
             module.neuron_select_indices[adapter_name],
             module.out_features,
             shown,
@@ -53,7 +68,7 @@ def check_adapter_state_dict(model: nn.Module, adapter_name: str, state_dict: di
             "output rows",
         )
         if adapter_name in module.neuron_select_col_indices:
-            _check_indices(state_dict, f"{name}.neuron_select_col_indices.{adapter_name}",
+            _check_indices(state_dict, key_of[f"{name}.neuron_select_col_indices.{adapter_name}"],
                            module.neuron_select_col_indices[adapter_name], module.in_features, shown, "column",
                            "input columns")  # fmt: skip
     return state_dict
@@ -86,7 +101,7 @@ def refuse_foreign_keys(model: nn.Module, adapter_name: str, state_dict: dict) -
     peft_prefix = "base_model.model."
 
     def plain(key: str) -> str:
-        return key.removeprefix("_fsdp_wrapped_module.").removeprefix(peft_prefix)
+        return without_wrapper_names(key).removeprefix(peft_prefix)
 
     allowed: set[str] = set()
     for name, module in model.named_modules():

@@ -43,6 +43,22 @@ class Merging:
             dense.index_add_(1, self.neuron_select_col_indices[adapter_name], full.to(dense.dtype))
         return dense.t() if self.fan_in_fan_out else dense
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """PEFT >= 0.22's ``convert_to_lora`` turns an additive delta into LoRA factors by SVD. Ours is additive
+        (W' = W + dense(rows, columns); routing changes only which samples train a unit, never the forward), but a
+        LoRA adapter has no bias, so an adapter that trains bias entries cannot be converted without losing them."""
+        if adapter_name not in self.neuron_select_delta:
+            return False
+        return (
+            adapter_name not in self.neuron_select_bias_delta
+            or self.neuron_select_bias_delta[adapter_name].numel() == 0
+        )
+
+    def _get_additive_delta(self, adapter_name: str = "default") -> torch.Tensor:
+        """W' - W for PEFT's ``get_additive_delta`` (which refuses while adapters are merged): the dense delta, in the
+        adapter's dtype."""
+        return self.get_delta_weight(adapter_name)
+
     def _apply_delta(self, adapter_name: str, sign: float, safe: bool = False) -> None:
         base = self.get_base_layer()
         rows = self._dense_rows(adapter_name)
@@ -86,6 +102,12 @@ class Merging:
             if new_c is not None:
                 w_cols = weight.t() if self.fan_in_fan_out else weight
                 finite = finite and torch.isfinite(w_cols.index_select(1, new_c[0]).float() + new_c[1]).all()
+            if safe:
+                # like PEFT's safe_merge, the whole merged layer must be finite, not only the entries this adapter
+                # writes: a base that already holds NaN/Inf is refused too, and nothing is written before the check
+                finite = finite and torch.isfinite(weight).all()
+                if bias_delta is not None:
+                    finite = finite and torch.isfinite(base.bias.data).all()
             if safe and not finite:
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
             self._write_rows(weight, rows, new_w)

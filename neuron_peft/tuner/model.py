@@ -86,9 +86,10 @@ def _refuse_nonfinite(named_tensors, action: str) -> None:
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise NonFiniteDeltaError(
-            f"NeuronSelect: refusing to {action}: non-finite delta in {'; '.join(bad[:3])}{more}. The run probably "
-            "diverged (lower the learning rate, clip gradients). To do it anyway, pass allow_nonfinite=True to "
-            "merge_and_unload / merge_adapter, or wrap the call in `with neuron_peft.allow_nonfinite(model):`."
+            f"NeuronSelect: refusing to {action}: non-finite delta in {'; '.join(bad[:3])}{more}. NaNs detected: the "
+            "run probably diverged (lower the learning rate, clip gradients). To do it anyway, pass "
+            "allow_nonfinite=True to merge_and_unload / merge_adapter, or wrap the call in "
+            "`with neuron_peft.allow_nonfinite(model):`."
         )
 
 

@@ -43,7 +43,10 @@ def _out_features(base: nn.Module, name: str) -> int:
         return features[1]
     out = getattr(base, "out_features", None)  # quantized Linear-likes that do not subclass nn.Linear
     if out is None:
-        raise TypeError(f"module {name!r} ({type(base).__name__}) is not a Linear layer; NeuronSelect cannot adapt it")
+        raise TypeError(
+            f"Target module {name!r} ({type(base).__name__}) is not supported: it is not a Linear layer, and "
+            "NeuronSelect adapts only Linear layers (torch.nn.Linear, transformers Conv1D, quantized Linear-likes)"
+        )
     return int(out)
 
 
