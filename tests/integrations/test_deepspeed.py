@@ -41,7 +41,14 @@ def _worker(rank, world, port, out_dir):
     result = {}
     try:
         import deepspeed
+        import deepspeed.comm.torch
         from transformers.integrations import HfDeepSpeedConfig
+
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel (ninja + g++, about a minute per
+        # fresh machine, and a build killed mid-way leaves a lock under ~/.cache/torch_extensions that hangs every
+        # later run). It is a speed op for CPU inference collectives, not what this test checks: without it the
+        # same collectives go through gloo, and ZeRO-3 partitions and gathers the parameters exactly as before.
+        deepspeed.comm.torch.build_shm_op = lambda: None
 
         deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=90))
         model = build("auto").train()
