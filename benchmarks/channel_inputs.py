@@ -29,6 +29,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
+from common.channel_scale import input_magnitudes  # noqa: E402
 from common.data import build_pairs, calibration_examples  # noqa: E402
 from common.matched import random_columns, unit_matched  # noqa: E402
 from common.models import load_model  # noqa: E402
@@ -36,30 +37,6 @@ from common.preset import SelectionPreset, translation_preset  # noqa: E402
 
 from neuron_peft.data import calibration_batches  # noqa: E402
 from neuron_peft.selection import NeuronSelection  # noqa: E402
-
-
-def input_magnitudes(model, layers, batches) -> dict[str, torch.Tensor]:
-    """Per layer, mean |x_j| of its input over every token of the calibration batches (padding included)."""
-    sums, count, modules = {}, {}, dict(model.named_modules())
-
-    def hook(name):
-        def f(_module, args):
-            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).float()
-            sums[name] = sums.get(name, 0) + x.sum(0)
-            count[name] = count.get(name, 0) + x.shape[0]
-
-        return f
-
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in layers]
-    try:
-        with torch.no_grad():
-            for bs in batches.values():
-                for b in bs:
-                    model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: sums[n] / count[n] for n in layers}
 
 
 def measure(sel, budget: int, mags: dict) -> dict:

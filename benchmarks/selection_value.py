@@ -22,7 +22,8 @@ Protocol (every number in the output says which of these it is):
   full fine-tuning (budget-free), zero-shot; and the column units (issue 26), each scored once on the same
   calibration batches: ``channel`` (Taylor input channels of o_proj / down_proj, the same share of each, routed
   1:9), ``channel-random`` (as many random channels per output projection, unrouted: S2FT's choice) and
-  ``mlp-neuron`` (gate/up row j + down_proj column j by Taylor score, routed), their own LR family ("column");
+  ``mlp-neuron`` (gate/up row j + down_proj column j by Taylor score, routed), and ``channel-xnorm`` (channels by
+  ``E|x dL/dx| / E|x|``, Taylor without the input scale, routed like ``channel``), their own LR family ("column");
   ``taylor-per-layer-s30`` / ``taylor-per-layer-agnostic``: taylor-per-layer's rows, 30% / none language-specific.
 * Learning rate: per method and budget on seed 0, by mean dev NLL (``n_dev`` pairs per language), starting from the
   family grid; while the best value sits at an edge of what was tried, the next value beyond it (x or / ``factor``)
@@ -66,6 +67,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # this checkout's neuron_peft, also when another one is installed (editable)
 sys.path.insert(0, str(HERE))  # benchmarks/, for the shared set-up in common/ and the report in reports/
+from common.channel_scale import input_magnitudes, scale_free  # noqa: E402
 from common.data import build_pairs, by_group, calibration_examples  # noqa: E402
 from common.machine import machine_info  # noqa: E402
 from common.matched import (  # noqa: E402
@@ -234,6 +236,8 @@ def main(argv=None, log: Callable[[str], None] = print) -> Optional[dict]:
     base_sel, calib = taylor_scores(s, data, out_dir / "taylor_scores", args.resume)
     units = sorted({UNIT_OF[m] for nr in p.budgets for m in methods_for(p, nr) if m in UNIT_OF})
     unit_sels = {u: unit_scores(s, calib, u, out_dir / f"taylor_scores_{u}", args.resume) for u in units}
+    if any(m == "channel-xnorm" for nr in p.budgets for m in methods_for(p, nr)):
+        unit_sels["channel-xnorm"] = scale_free_channels(s, calib, unit_sels["channel"])
 
     for nr in p.budgets:
         bsel, binfo = budget(s, base_sel, nr, sizes, unit_sels)
@@ -424,6 +428,15 @@ def unit_scores(s: Session, calib, unit: str, sel_dir: Path, reuse: bool):
     sel.save(sel_dir)
     s.log(f"  Taylor {unit} scoring {time.perf_counter() - t:.1f} s ({len(sel.layers)} layers)")
     return sel
+
+
+def scale_free_channels(s: Session, calib, channel_sel):
+    """The channel scores divided by each channel's mean input |x_j| on the same calibration batches (method
+    ``channel-xnorm``; `common.channel_scale`). One forward pass, not saved: it is recomputed on resume."""
+    t = time.perf_counter()
+    mags = input_magnitudes(s.base, channel_sel.layers, calib)
+    s.log(f"  input magnitudes of {len(mags)} output projections {time.perf_counter() - t:.1f} s (channel-xnorm)")
+    return scale_free(channel_sel, mags)
 
 
 def budget(s: Session, base_sel, nr: float, sizes: dict, unit_sels=None) -> tuple[dict, dict]:

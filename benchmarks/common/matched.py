@@ -53,6 +53,11 @@ METHODS = {
     "channel": ("column", "Taylor input channels |x dL/dx| of o_proj/down_proj, same share of each, routed"),
     "channel-random": ("column", "random input channels, channel's count per output projection, unrouted (S2FT)"),
     "mlp-neuron": ("column", "Taylor MLP neurons: gate/up row j + down_proj column j, same share per block, routed"),
+    "channel-xnorm": (
+        "column",
+        "input channels by E|x dL/dx| / E|x| (Taylor without the input scale), channel's "
+        "share of each output projection, routed",
+    ),
 }
 _FIXED_RANK = re.compile(r"^(lora|dora)-r(\d+)$")
 
@@ -91,7 +96,9 @@ def lora_rank(budget_weights: int, sizes: dict) -> int:
 
 
 # method -> the `select_neurons(unit=...)` scores it is decided from
-UNIT_OF = {"channel": "channel", "channel-random": "channel", "mlp-neuron": "mlp_neuron"}
+UNIT_OF = {"channel": "channel", "channel-random": "channel", "mlp-neuron": "mlp_neuron", "channel-xnorm": "channel"}
+# methods decided from scores derived from their unit's (key of ``unit_sels``: the method's own name)
+DERIVED_UNIT_METHODS = ("channel-xnorm",)
 
 
 def budget_selections(base_sel, nr: float, sizes: dict, reference_sel=None, unit_sels=None) -> dict:
@@ -140,8 +147,9 @@ def budget_selections(base_sel, nr: float, sizes: dict, reference_sel=None, unit
     if reference_sel is not None:
         out["neumt"] = layers_matched(reference_sel, score_normalization="none")
     for method, unit in UNIT_OF.items():
-        if unit_sels and unit in unit_sels and method != "channel-random":
-            out[method] = unit_matched(unit_sels[unit], budget)
+        key = method if method in DERIVED_UNIT_METHODS else unit
+        if unit_sels and key in unit_sels and method != "channel-random":
+            out[method] = unit_matched(unit_sels[key], budget)
     return {"budget": budget, "share": share, "selections": out}
 
 

@@ -222,6 +222,7 @@ SELECTION_PRESETS = {
                 "channel",
                 "channel-random",
                 "mlp-neuron",
+                "channel-xnorm",
             ),
             "1.0": ("taylor", "random-all", "lora"),
         },

@@ -64,9 +64,9 @@ def summarise(results: dict) -> dict:
             for b in ("taylor", "taylor-per-layer", "random-all", "random-layers", "magnitude", "lora"):
                 if b in rows and b != m:
                     r["paired"][b] = paired_bootstrap(r["_test_sent"], rows[b]["_test_sent"], groups["test"])
-            if m == "channel" and "channel-random" in rows:  # the channel criterion alone (same count per layer)
-                x = rows["channel-random"]["_test_sent"]
-                r["paired"]["channel-random"] = paired_bootstrap(r["_test_sent"], x, groups["test"])
+            for a, b, _ in ROW_CRITERION_PAIRS:  # the unit criterion alone (same count per layer)
+                if m == a and b in rows and b not in r["paired"]:
+                    r["paired"][b] = paired_bootstrap(r["_test_sent"], rows[b]["_test_sent"], groups["test"])
             r["paired_forget_zero"] = paired_bootstrap(r["_forget_sent"], z["forget_test"], groups["forget_test"])
         split = resource_split(results)
         if split:
@@ -146,6 +146,8 @@ ROW_CRITERION_PAIRS = (
     ("taylor-per-layer", "magnitude", "same share of every layer"),
     ("magnitude", "random-all", "same share of every layer"),
     ("channel", "channel-random", "same columns per output projection"),
+    ("channel-xnorm", "channel-random", "same columns per output projection"),
+    ("channel-xnorm", "channel", "same columns per output projection"),
 )
 
 

@@ -171,7 +171,8 @@ def test_report_separates_the_row_criterion_from_the_layer_choice(sv, run):
     c = rows["channel"]["paired"]["channel-random"]  # the channel criterion alone, the same way
     assert c["delta"] == pytest.approx(mean_test("channel") - mean_test("channel-random"), abs=1e-9)
     assert "channel − channel-random (same columns per output projection)" in md
-    assert len(row_criterion_pairs(rows)) == 5  # the four row pairs and the channel pair
+    assert len(row_criterion_pairs(rows)) == 7  # the four row pairs and the three channel pairs
+    assert "channel-xnorm − channel (same columns per output projection)" in md
 
 
 def test_score_concentration_against_hand_values():
@@ -202,9 +203,9 @@ def test_column_methods_train_columns_of_the_output_projections_at_the_budget(sv
     results, out, _ = run
     budget = results["budgets"]["0.25"]["budget_weights"]
     got = {k.split("|")[1]: r["trainable"] for k, r in results["runs"].items() if k.startswith("0.25|") and "test" in r}
-    for m in ("channel", "channel-random", "mlp-neuron"):
+    for m in ("channel", "channel-random", "mlp-neuron", "channel-xnorm"):
         assert abs(got[m] - budget) <= 0.05 * budget, (m, got[m], budget)
-    assert got["channel"] == got["channel-random"]
+    assert got["channel"] == got["channel-random"] == got["channel-xnorm"]  # same count per projection
     sel = NeuronSelection.load(out / "taylor_scores_channel")
     assert sel.layers and all(n.endswith(("self_attn.o_proj", "mlp.down_proj")) for n in sel.layers)
     ch = matched.unit_matched(sel, budget)
@@ -235,3 +236,27 @@ def test_channel_inputs_measures_the_run_channels(run):
     assert got["o_proj"]["layers"] == 2 and got["down_proj"]["layers"] == 2
     picked = got["o_proj"]["share_of_channels_picked"] * 64 + got["down_proj"]["share_of_channels_picked"] * 128
     assert abs(picked * 32 - budget) <= 0.05 * budget  # every column of the tiny model holds 32 weights
+
+
+def test_scale_free_channel_scores_against_hand_values():
+    """input_magnitudes is the mean |x_j| over every token; scale_free divides each group's channel scores by it
+    (0 where the channel never fires) and leaves the source selection untouched."""
+    from types import SimpleNamespace
+
+    import torch
+    from common.channel_scale import input_magnitudes, scale_free
+
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(3, 2))
+    model.forward = lambda input_ids, attention_mask: model.proj(input_ids)  # the calibration batch is the input
+    x = torch.tensor([[[1.0, -2.0, 0.0], [3.0, 4.0, 0.0]]])  # (batch 1, 2 tokens, 3 channels)
+    mags = input_magnitudes(model, ["proj"], {"g": [{"input_ids": x, "attention_mask": None}]})
+    torch.testing.assert_close(mags["proj"], torch.tensor([2.0, 3.0, 0.0]))
+
+    scores = torch.tensor([[2.0, 6.0, 5.0], [4.0, 3.0, 1.0]])  # 2 groups x 3 channels
+    sel = SimpleNamespace(unit="channel", neuron_scores={"proj": scores})
+    out = scale_free(sel, mags)
+    torch.testing.assert_close(out.neuron_scores["proj"], torch.tensor([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0]]))
+    assert sel.neuron_scores["proj"] is scores
+    with pytest.raises(ValueError, match="unit is 'row'"):
+        scale_free(SimpleNamespace(unit="row", neuron_scores={}), mags)
