@@ -139,6 +139,74 @@ def curve_table(rows: dict, max_cols: int = 8) -> list[str]:
     return lines
 
 
+def curve_reference(rows: dict) -> str | None:
+    """The LoRA row the curves are compared with: of the methods named lora / lora-rN, the one with the lowest final
+    dev NLL (the best LoRA of any rank, as the issue's target reads); None without a LoRA curve."""
+    loras = {m: r["dev_curve"][-1][1] for m, r in rows.items() if m.split("-r")[0] == "lora" and r.get("dev_curve")}
+    return min(loras, key=loras.get) if loras else None
+
+
+def curve_gap(curve: list, reference: list) -> list[tuple[int, float]]:
+    """[(step, dev NLL of ``curve`` − that of ``reference``)] at the steps both curves have, in step order."""
+    ref = {int(c[0]): c[1] for c in reference}
+    return [(int(c[0]), c[1] - ref[int(c[0])]) for c in curve if int(c[0]) in ref]
+
+
+def crossing_step(gap: list[tuple[int, float]]) -> int | None:
+    """The first step from which the gap stays <= 0 to the end of the run (the curve has crossed below the
+    reference and not crossed back); None when the last point is still above it."""
+    step = None
+    for k, g in gap:
+        if g <= 0:
+            step = k if step is None else step
+        else:
+            step = None
+    return step
+
+
+def gap_trend(gap: list[tuple[int, float]]) -> float:
+    """Least-squares slope of the gap over the second half of the run (steps >= half the last step), per 100 steps:
+    negative = the curve is closing in on the reference. NaN with fewer than two points there."""
+    if not gap:
+        return float("nan")
+    pts = [(k, g) for k, g in gap if k >= gap[-1][0] / 2]
+    if len(pts) < 2:
+        return float("nan")
+    mk, mg = sum(k for k, _ in pts) / len(pts), sum(g for _, g in pts) / len(pts)
+    var = sum((k - mk) ** 2 for k, _ in pts)
+    return 100 * sum((k - mk) * (g - mg) for k, g in pts) / var if var else float("nan")
+
+
+def curve_gaps(rows: dict) -> list[str]:
+    """Markdown lines: every method's dev-NLL gap to the best LoRA along the curve (first and last shared step),
+    the step from which it stays at or below LoRA (or that it never gets there), and the gap's trend per 100 steps
+    over the second half. What the curves say about "more steps would close it", measured, not extrapolated."""
+    ref = curve_reference(rows)
+    if ref is None:
+        return []
+    out = []
+    for m, r in sorted(rows.items()):
+        if m == ref or not r.get("dev_curve"):
+            continue
+        gap = curve_gap(r["dev_curve"], rows[ref]["dev_curve"])
+        if not gap:
+            continue
+        cross = crossing_step(gap)
+        if cross is not None:
+            where = f"at or below LoRA from step {cross} on"
+        elif any(g <= 0 for _, g in gap):
+            where = "below LoRA at some steps but above it at the end"
+        else:
+            where = "above LoRA at every step (no crossing)"
+        trend = gap_trend(gap)
+        out.append(f"{m} {gap[0][1]:+.3f} at step {gap[0][0]} → {gap[-1][1]:+.3f} at step {gap[-1][0]}, {where}; "
+                   f"trend over the second half {trend:+.3f} per 100 steps")  # fmt: skip
+    if not out:
+        return []
+    return ["", f"Gap to the best LoRA ({ref}) along the dev curve (method − LoRA, negative = better): "
+            + "; ".join(out) + "."]  # fmt: skip
+
+
 # pairs of methods that train the same number of rows in the same layers and differ only in which rows
 ROW_CRITERION_PAIRS = (
     ("taylor", "random-layers", "Taylor's layers"),
@@ -253,6 +321,7 @@ def write_report(results: dict, out_dir: Path, log) -> str:
             lines += ["", "Row criterion with the layers held fixed (paired Δ test NLL [95%], negative = the first "
                       "better): " + "; ".join(fixed) + "."]  # fmt: skip
         lines += curve_table(b["rows"])
+        lines += curve_gaps(b["rows"])
         types = {m: v["types"] for m, v in info_b["selections"].items()}
         lines += ["", "Rows by module type: " + "; ".join(f"{m} {t}" for m, t in types.items())]
     md = "\n".join(lines) + "\n"

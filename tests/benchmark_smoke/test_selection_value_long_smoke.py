@@ -102,3 +102,39 @@ def test_long_preset_has_the_data(sv):
     p = sv.PRESETS["long"]
     for split, n in (("train", p.n_train), ("dev", p.n_dev), ("test", p.n_test)):
         assert dry["counts"][split] == {f"en-{x}": n for x in p.langs}, split
+
+
+def test_curve_gap_to_the_best_lora_against_hand_values(sv):
+    """The gap to the best LoRA (lowest final dev NLL of any rank) along the curve, where it crosses for good, and its
+    second-half trend per 100 steps, on hand-made curves."""
+    from reports.selection_value import crossing_step, curve_gaps, curve_reference, gap_trend
+
+    rows = {
+        "lora-r8": {"dev_curve": [[100, 3.0], [200, 2.8], [300, 2.7], [400, 2.6]]},
+        "lora-r64": {"dev_curve": [[100, 3.1], [200, 2.9], [300, 2.8], [400, 2.7]]},  # worse at the end: not the ref
+        "rows": {"dev_curve": [[100, 3.2], [200, 2.9], [300, 2.7], [400, 2.5]]},  # +0.2, +0.1, 0, -0.1
+        "cols": {"dev_curve": [[100, 2.9], [200, 2.9], [300, 2.9], [400, 2.9]]},  # -0.1, +0.1, +0.2, +0.3
+        "flat": {"dev_curve": [[100, 3.5], [200, 3.3], [300, 3.2], [400, 3.1]]},  # +0.5 at every step
+    }
+    assert curve_reference(rows) == "lora-r8"
+    assert curve_reference({"rows": rows["rows"]}) is None
+    assert crossing_step([(100, 0.2), (200, 0.1), (300, 0.0), (400, -0.1)]) == 300
+    assert crossing_step([(100, -0.1), (200, 0.1), (300, -0.2), (400, 0.05)]) is None  # crossed back
+    assert crossing_step([(100, -0.1), (200, 0.1), (300, -0.2), (400, -0.3)]) == 300
+    # second half = steps >= 200: slope of (200, .1), (300, 0), (400, -.1) is -0.1 per 100 steps
+    assert gap_trend([(100, 0.2), (200, 0.1), (300, 0.0), (400, -0.1)]) == pytest.approx(-0.1)
+    assert math.isnan(gap_trend([(400, 0.1)]))
+    (line,) = [x for x in curve_gaps(rows) if x]
+    assert "best LoRA (lora-r8)" in line
+    assert "rows +0.200 at step 100 → -0.100 at step 400, at or below LoRA from step 300 on" in line
+    assert "cols -0.100 at step 100 → +0.300 at step 400, below LoRA at some steps but above it at the end" in line
+    assert "flat +0.500 at step 100 → +0.500 at step 400, above LoRA at every step (no crossing)" in line
+    assert "lora-r64 +0.100 at step 100 → +0.100 at step 400" in line
+    assert "rows" in line and "trend over the second half -0.100 per 100 steps" in line
+    assert curve_gaps({"rows": rows["rows"]}) == []
+
+
+def test_report_states_the_gap_to_lora_along_the_curve(run):
+    _, out, _ = run
+    md = (out / "selection_value.md").read_text()
+    assert "Gap to the best LoRA (lora-r" in md and "taylor-per-layer " in md
