@@ -44,7 +44,7 @@ from common.data import build_data  # noqa: E402
 from common.machine import machine_info  # noqa: E402
 from common.matched import build, linear_sizes, lora_rank  # noqa: E402
 from common.models import load_model, trainable_params  # noqa: E402
-from common.preset import SELECTION_PRESETS, translation_preset  # noqa: E402
+from common.preset import SELECTION_PRESETS, resolve_device, translation_preset  # noqa: E402
 from common.training import train_batches  # noqa: E402
 
 from neuron_peft.data import IGNORE_INDEX, encode_examples  # noqa: E402
@@ -95,7 +95,7 @@ def main(argv=None, log: Callable[[str], None] = print) -> dict:
     if args.threads or sp.threads:
         torch.set_num_threads(args.threads or sp.threads)
     p = replace(translation_preset(sp, 0), n_dev=1, n_test=1, n_forget=1)
-    device = torch.device(p.device)
+    device = resolve_device(p)
     data = build_data(p)
     base, tok = load_model(p, data, device)
     base.requires_grad_(False)
