@@ -121,7 +121,7 @@ def mean_gradients(
         if not torch.isfinite(loss):
             raise ValueError(f"non-finite training loss {float(loss)} while taking gradients")
         loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         for n in names:
             acc[n] += modules[n].weight.grad.float()
             modules[n].weight.grad = None
