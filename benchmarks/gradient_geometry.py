@@ -35,7 +35,6 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -44,11 +43,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # this checkout's neuron_peft, also when another one is installed
 sys.path.insert(0, str(HERE))  # benchmarks/, for the shared set-up in common/
-from common.data import build_data  # noqa: E402
 from common.machine import machine_info  # noqa: E402
 from common.matched import linear_sizes  # noqa: E402
-from common.models import load_model  # noqa: E402
-from common.preset import SELECTION_PRESETS, resolve_device, translation_preset  # noqa: E402
+from common.models import model_for_training_batches  # noqa: E402
+from common.preset import SELECTION_PRESETS  # noqa: E402
 from common.training import train_batches  # noqa: E402
 
 from neuron_peft.data import encode_examples  # noqa: E402
@@ -163,15 +161,7 @@ def main(argv=None, log: Callable[[str], None] = print) -> dict:
         raise SystemExit(f"--shares {args.shares!r}: every share must lie in (0, 1]")
     if args.batches < 1:
         raise SystemExit("--batches must be at least 1")
-    sp = SELECTION_PRESETS[args.preset]
-    if args.batch_size:
-        sp = replace(sp, batch_size=args.batch_size)
-    if args.threads or sp.threads:
-        torch.set_num_threads(args.threads or sp.threads)
-    p = replace(translation_preset(sp, 0), n_dev=1, n_test=1, n_forget=1)
-    device = resolve_device(p)
-    data = build_data(p)
-    base, tok = load_model(p, data, device)
+    p, device, data, base, tok = model_for_training_batches(args.preset, args.batch_size, args.threads)
     info = machine_info(device)
     names = resolve_target_modules(base, "all-linear")
     sizes = linear_sizes(base, names)

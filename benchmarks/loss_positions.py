@@ -31,7 +31,6 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -40,11 +39,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # this checkout's neuron_peft, also when another one is installed
 sys.path.insert(0, str(HERE))  # benchmarks/, for the shared set-up in common/
-from common.data import build_data  # noqa: E402
 from common.machine import machine_info  # noqa: E402
 from common.matched import build, linear_sizes, lora_rank  # noqa: E402
-from common.models import load_model, trainable_params  # noqa: E402
-from common.preset import SELECTION_PRESETS, resolve_device, translation_preset  # noqa: E402
+from common.models import model_for_training_batches, trainable_params  # noqa: E402
+from common.preset import SELECTION_PRESETS  # noqa: E402
 from common.training import train_batches  # noqa: E402
 
 from neuron_peft.data import IGNORE_INDEX, encode_examples  # noqa: E402
@@ -89,15 +87,7 @@ def main(argv=None, log: Callable[[str], None] = print) -> dict:
     bad = [m for m in methods if m not in METHODS] + [x for x in losses if x not in LOSSES]
     if bad or not methods or not losses:
         raise SystemExit(f"unknown method(s)/loss(es) {bad}; methods {list(METHODS)}, losses {list(LOSSES)}")
-    sp = SELECTION_PRESETS[args.preset]
-    if args.batch_size:
-        sp = replace(sp, batch_size=args.batch_size)
-    if args.threads or sp.threads:
-        torch.set_num_threads(args.threads or sp.threads)
-    p = replace(translation_preset(sp, 0), n_dev=1, n_test=1, n_forget=1)
-    device = resolve_device(p)
-    data = build_data(p)
-    base, tok = load_model(p, data, device)
+    p, device, data, base, tok = model_for_training_batches(args.preset, args.batch_size, args.threads)
     base.requires_grad_(False)
     info = machine_info(device)
     log(f"# loss positions ({args.preset}): batch {p.batch_size}, max_length {p.max_length}; {info['cpu']} "

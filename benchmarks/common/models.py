@@ -85,3 +85,24 @@ def trainable_params(model) -> int:
     from peft import PeftModel
 
     return PeftModel.get_nb_trainable_parameters(model)[0]
+
+
+def model_for_training_batches(preset: str, batch_size=None, threads=None):
+    """(translation preset, device, data, base model, tokenizer) of a selection_value preset for scripts that only
+    need its model and training batches (loss_positions.py, gradient_geometry.py): the batch size and thread count
+    overridden where given, one pair per evaluation split, since they evaluate nothing."""
+    from dataclasses import replace
+
+    from .data import build_data
+    from .preset import SELECTION_PRESETS, resolve_device, translation_preset
+
+    sp = SELECTION_PRESETS[preset]
+    if batch_size:
+        sp = replace(sp, batch_size=batch_size)
+    if threads or sp.threads:
+        torch.set_num_threads(threads or sp.threads)
+    p = replace(translation_preset(sp, 0), n_dev=1, n_test=1, n_forget=1)
+    device = resolve_device(p)
+    data = build_data(p)
+    base, tok = load_model(p, data, device)
+    return p, device, data, base, tok
